@@ -1,0 +1,429 @@
+"""DalleBart: the BART-style text-to-image-codes transformer of DALL·E Mini / Mega, in flax.linen.
+
+Follows the published architecture (normformer LayerNorm placement, GLU feed-forward, no biases,
+separate text and image embeddings; `../shared/dalle-mini-facts.md` §1–2). Parameter names are
+those of the published checkpoints, scanned layout: every layer's leaves are stacked along a
+leading axis under `layers/FlaxBartEncoderLayers` (and `FlaxBartDecoderLayers`).
+
+The layers are flax modules; the stacks are pure functions that `lax.scan` one layer module over
+the stacked parameters. That keeps the decoder usable two ways with one set of weights:
+`decode` runs a whole teacher-forced sequence (training, conformance), `decode_step` runs one
+token against a fixed-size key/value cache (sampling), with cross-attention keys and values
+computed once per request by `cross_keys_values`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax import lax
+
+Array = jax.Array
+Params = dict[str, Any]
+_NEG_INF = -1e30  # finite, so a row with every key masked yields uniform weights, not NaN
+
+# Options of the original configuration class that this implementation does not support, with
+# the only value it accepts. Published DALL·E Mini / Mega use exactly these.
+_FIXED_OPTIONS = {
+    "ln_positions": "normformer",
+    "ln_type": "layernorm",
+    "use_glu": True,
+    "use_bias": False,
+    "activation_function": "gelu",
+    "scale_embedding": False,
+    "use_cosine_attention": False,
+    "use_head_scale": False,
+    "use_deepnet_scaling": False,
+    "use_alibi": False,
+    "use_swin_position_embeddings": False,
+    "use_absolute_position_embeddings": True,
+    "use_final_ln_encoder": True,
+    "use_final_ln_decoder": True,
+    "tie_word_embeddings": False,
+    "force_ln_scale": False,
+    "use_subln_init": False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DalleBartConfig:
+    """Sizes of one DalleBart. Field names are those of the published config.json."""
+
+    encoder_vocab_size: int
+    image_vocab_size: int  # the embedding and lm_head have image_vocab_size + 1 rows
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_attention_heads: int
+    decoder_attention_heads: int
+    encoder_ffn_dim: int
+    decoder_ffn_dim: int
+    decoder_start_token_id: int  # also the number of VQGAN codes: ids below it are codes
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    max_text_length: int = 64
+    image_length: int = 256
+    init_std: float = 0.02
+    normalize_text: bool = True
+    top_k: int = 50  # what the original samples with when generate() is given top_k=None
+
+    @property
+    def num_codes(self) -> int:
+        return self.decoder_start_token_id
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.decoder_attention_heads
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DalleBartConfig":
+        """Builds a config from a published config.json, refusing options it cannot honour."""
+        for key, accepted in _FIXED_OPTIONS.items():
+            if key in values and values[key] != accepted:
+                raise ValueError(
+                    f"config option {key}={values[key]!r} is not supported (only {accepted!r}, "
+                    "as in the published DALL·E Mini / Mega checkpoints)"
+                )
+        names = {field.name for field in dataclasses.fields(cls)}
+        missing = sorted(
+            field.name
+            for field in dataclasses.fields(cls)
+            if field.default is dataclasses.MISSING and field.name not in values
+        )
+        if missing:
+            raise ValueError(f"DalleBart config lacks {', '.join(missing)}")
+        return cls(**{key: value for key, value in values.items() if key in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json of this model, readable by the original implementation too."""
+        length = self.image_length + 1
+        return {
+            **dataclasses.asdict(self),
+            **_FIXED_OPTIONS,
+            "model_type": "dallebart",
+            "architectures": ["DalleBart"],
+            "min_length": length,
+            "max_length": length,
+            "do_sample": True,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+            "activation_dropout": 0.0,
+            "use_scan": True,
+            "is_encoder_decoder": True,
+        }
+
+    @classmethod
+    def mini(cls) -> "DalleBartConfig":
+        """`dalle-mini/dalle-mini` (mini-1): 437,833,712 parameters."""
+        return cls(
+            encoder_vocab_size=50264, image_vocab_size=16384, d_model=1024,
+            encoder_layers=12, decoder_layers=12,
+            encoder_attention_heads=16, decoder_attention_heads=16,
+            encoder_ffn_dim=2730, decoder_ffn_dim=2730,
+            decoder_start_token_id=16384, bos_token_id=16385, eos_token_id=16385,
+            pad_token_id=16385, init_std=0.02,
+        )  # fmt: skip
+
+    @classmethod
+    def mega(cls) -> "DalleBartConfig":
+        """`dalle-mini/dalle-mega` (mega-1): 2,587,521,024 parameters."""
+        return dataclasses.replace(
+            cls.mini(), encoder_vocab_size=50272, image_vocab_size=16415, d_model=2048,
+            encoder_layers=24, decoder_layers=24,
+            encoder_attention_heads=32, decoder_attention_heads=32,
+            encoder_ffn_dim=4096, decoder_ffn_dim=4096, init_std=0.01,
+        )  # fmt: skip
+
+
+def _layer_norm(dtype: Any, use_scale: bool = True) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-5, use_scale=use_scale, dtype=dtype)
+
+
+def _dense(config: DalleBartConfig, features: int, dtype: Any, **kwargs) -> nn.Dense:
+    init = nn.initializers.normal(config.init_std)
+    return nn.Dense(features, use_bias=False, dtype=dtype, kernel_init=init, **kwargs)
+
+
+def _split_heads(x: Array, num_heads: int) -> Array:
+    return x.reshape(*x.shape[:-1], num_heads, -1)  # (B, T, H, Dh)
+
+
+def _softmax_attend(q: Array, keys: Array, values: Array, bias: Array) -> Array:
+    """Scaled dot-product attention; softmax in float32 whatever the compute dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q * scale, keys)  # (B, H, Tq, Tk)
+    weights = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(values.dtype), values)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with bias-free q/k/v/out projections (`FlaxBartAttention_i`)."""
+
+    config: DalleBartConfig
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        d = self.config.d_model
+        self.q_proj = _dense(self.config, d, self.dtype)
+        self.k_proj = _dense(self.config, d, self.dtype)
+        self.v_proj = _dense(self.config, d, self.dtype)
+        self.out_proj = _dense(self.config, d, self.dtype)
+
+    def keys_values(self, x: Array) -> tuple[Array, Array]:
+        return _split_heads(self.k_proj(x), self.num_heads), _split_heads(self.v_proj(x), self.num_heads)
+
+    def attend(self, x: Array, keys: Array, values: Array, bias: Array) -> Array:
+        q = _split_heads(self.q_proj(x), self.num_heads)  # (B, T, H, Dh)
+        context = _softmax_attend(q, keys, values, bias)  # (B, T, H, Dh)
+        return self.out_proj(context.reshape(*x.shape[:-1], -1))
+
+    def __call__(self, x: Array, kv_input: Array, bias: Array) -> Array:
+        return self.attend(x, *self.keys_values(kv_input), bias)
+
+    def attend_with_cache(self, x: Array, new_kv, cache_kv, cache_bias: Array) -> Array:
+        """One query token against a read-only cache plus its own new key/value.
+
+        Keeping the cache read-only here lets the sampling loop write the new keys of every
+        layer into its cache in place, instead of copying each layer's cache every step.
+        """
+        q = _split_heads(self.q_proj(x), self.num_heads)  # (B, 1, H, Dh)
+        keys = jnp.concatenate([cache_kv[0], new_kv[0]], axis=1)  # (B, S + 1, H, Dh)
+        values = jnp.concatenate([cache_kv[1], new_kv[1]], axis=1)
+        bias = jnp.concatenate([cache_bias, jnp.zeros_like(cache_bias[..., :1])], axis=-1)
+        context = _softmax_attend(q, keys, values, bias)
+        return self.out_proj(context.reshape(*x.shape[:-1], -1))
+
+
+class GLU(nn.Module):
+    """Gated feed-forward with normformer's inner LayerNorms (`GLU_0`)."""
+
+    config: DalleBartConfig
+    ffn_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = _layer_norm(self.dtype, use_scale=False)(x)
+        gate = nn.gelu(_dense(self.config, self.ffn_dim, self.dtype)(x), approximate=False)
+        x = gate * _dense(self.config, self.ffn_dim, self.dtype)(x)  # (B, T, F)
+        x = _layer_norm(self.dtype, use_scale=False)(x)
+        return _dense(self.config, self.config.d_model, self.dtype)(x)
+
+
+class EncoderLayer(nn.Module):
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Array) -> Array:
+        c = self.config
+        h = _layer_norm(self.dtype, use_scale=False)(x)
+        h = Attention(c, c.encoder_attention_heads, self.dtype, name="FlaxBartAttention_0")(h, h, bias)
+        x = x + _layer_norm(self.dtype)(h)
+        return x + GLU(c, c.encoder_ffn_dim, self.dtype, name="GLU_0")(x)
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention over the prompt, GLU; each normformer-wrapped."""
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c, dtype = self.config, self.dtype
+        self.LayerNorm_0 = _layer_norm(dtype, use_scale=False)
+        self.FlaxBartAttention_0 = Attention(c, c.decoder_attention_heads, dtype)
+        self.LayerNorm_1 = _layer_norm(dtype)
+        self.LayerNorm_2 = _layer_norm(dtype, use_scale=False)
+        self.FlaxBartAttention_1 = Attention(c, c.decoder_attention_heads, dtype)
+        self.LayerNorm_3 = _layer_norm(dtype)
+        self.GLU_0 = GLU(c, c.decoder_ffn_dim, dtype)
+
+    def cross_keys_values(self, encoder_hidden: Array) -> tuple[Array, Array]:
+        return self.FlaxBartAttention_1.keys_values(encoder_hidden)
+
+    def _cross_and_ffn(self, x: Array, cross_kv, cross_bias: Array) -> Array:
+        h = self.FlaxBartAttention_1.attend(self.LayerNorm_2(x), *cross_kv, cross_bias)
+        x = x + self.LayerNorm_3(h)
+        return x + self.GLU_0(x)
+
+    def __call__(self, x: Array, encoder_hidden: Array, cross_bias: Array) -> Array:
+        """Teacher-forced: the whole sequence at once, causal mask."""
+        length = x.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        self_bias = jnp.where(causal, 0.0, _NEG_INF)[None, None]  # (1, 1, T, T)
+        h = self.LayerNorm_0(x)
+        h = self.FlaxBartAttention_0(h, h, self_bias)
+        x = x + self.LayerNorm_1(h)
+        return self._cross_and_ffn(x, self.cross_keys_values(encoder_hidden), cross_bias)
+
+    def step(self, x: Array, cache_kv, cache_bias: Array, cross_kv, cross_bias: Array):
+        """One new token. Returns the hidden state and this token's (key, value) for the cache."""
+        h = self.LayerNorm_0(x)
+        new_kv = self.FlaxBartAttention_0.keys_values(h)  # (B, 1, H, Dh) each
+        h = self.FlaxBartAttention_0.attend_with_cache(h, new_kv, cache_kv, cache_bias)
+        x = x + self.LayerNorm_1(h)
+        return self._cross_and_ffn(x, cross_kv, cross_bias), new_kv
+
+
+class StackEnds(nn.Module):
+    """The non-layer parts of a stack: token and position embeddings, their LayerNorm, final_ln."""
+
+    config: DalleBartConfig
+    vocab_size: int
+    num_positions: int
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        init = nn.initializers.normal(self.config.init_std)
+        d = self.config.d_model
+        self.embed_tokens = nn.Embed(self.vocab_size, d, embedding_init=init, dtype=self.dtype)
+        self.embed_positions = nn.Embed(self.num_positions, d, embedding_init=init, dtype=self.dtype)
+        self.layernorm_embedding = _layer_norm(self.dtype)
+        self.final_ln = _layer_norm(self.dtype, use_scale=False)
+
+    def embed(self, ids: Array, positions: Array) -> Array:
+        return self.layernorm_embedding(self.embed_tokens(ids) + self.embed_positions(positions))
+
+    def finish(self, x: Array) -> Array:
+        return self.final_ln(x)
+
+    def init_all(self, ids: Array) -> Array:
+        return self.finish(self.embed(ids, jnp.zeros_like(ids)))
+
+
+def _ends(config: DalleBartConfig, side: str, dtype: Any) -> StackEnds:
+    if side == "encoder":
+        return StackEnds(config, config.encoder_vocab_size, config.max_text_length, dtype)
+    return StackEnds(config, config.image_vocab_size + 1, config.image_length, dtype)
+
+
+def _key_bias(attention_mask: Array) -> Array:
+    """(B, T) 1/0 mask -> additive bias (B, 1, 1, T) over the keys."""
+    return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, _NEG_INF)
+
+
+def _layers(params: Params, side: str) -> Params:
+    stack = params["model"][side]["layers"]
+    return stack["FlaxBartEncoderLayers" if side == "encoder" else "FlaxBartDecoderLayers"]
+
+
+def init_params(config: DalleBartConfig, rng: Array) -> Params:
+    """Fresh random parameters in the published (scanned) layout."""
+    keys = jax.random.split(rng, 5)
+    text = jnp.zeros((1, config.max_text_length), jnp.int32)
+    codes = jnp.zeros((1, config.image_length), jnp.int32)
+    hidden = jnp.zeros((1, config.max_text_length, config.d_model))
+    bias = jnp.zeros((1, 1, 1, config.max_text_length))
+
+    def stacked(layer, count, key, *args):
+        init_one = lambda k: layer.init(k, *args)["params"]  # noqa: E731
+        return jax.vmap(init_one)(jax.random.split(key, count))
+
+    encoder = _ends(config, "encoder", jnp.float32).init(keys[0], text, method=StackEnds.init_all)
+    decoder = _ends(config, "decoder", jnp.float32).init(keys[1], codes, method=StackEnds.init_all)
+    image_hidden = jnp.zeros((1, config.image_length, config.d_model))
+    encoder_layers = stacked(EncoderLayer(config), config.encoder_layers, keys[2], hidden, bias)
+    decoder_layers = stacked(
+        DecoderLayer(config), config.decoder_layers, keys[3], image_hidden, hidden, bias
+    )
+    lm_head = _dense(config, config.image_vocab_size + 1, jnp.float32).init(keys[4], hidden)
+    return {
+        "model": {
+            "encoder": {**encoder["params"], "layers": {"FlaxBartEncoderLayers": encoder_layers}},
+            "decoder": {**decoder["params"], "layers": {"FlaxBartDecoderLayers": decoder_layers}},
+        },
+        "lm_head": lm_head["params"],
+    }
+
+
+def encode(params: Params, config: DalleBartConfig, input_ids: Array, attention_mask: Array,
+           dtype: Any = jnp.float32) -> Array:  # fmt: skip
+    """Prompt tokens (B, T) -> encoder hidden states (B, T, D), padding positions included."""
+    ends = _ends(config, "encoder", dtype)
+    encoder = params["model"]["encoder"]
+    positions = jnp.arange(input_ids.shape[1])[None]
+    hidden = ends.apply({"params": encoder}, input_ids, positions, method=StackEnds.embed)
+    bias = _key_bias(attention_mask)
+    layer = EncoderLayer(config, dtype)
+
+    def body(h, layer_params):
+        return layer.apply({"params": layer_params}, h, bias), None
+
+    hidden, _ = lax.scan(body, hidden, _layers(params, "encoder"))
+    return ends.apply({"params": encoder}, hidden, method=StackEnds.finish)
+
+
+def _lm_head(params: Params, config: DalleBartConfig, hidden: Array, dtype: Any) -> Array:
+    head = _dense(config, config.image_vocab_size + 1, dtype)
+    return head.apply({"params": params["lm_head"]}, hidden).astype(jnp.float32)
+
+
+def decode(params: Params, config: DalleBartConfig, decoder_input_ids: Array,
+           encoder_hidden: Array, attention_mask: Array, dtype: Any = jnp.float32) -> Array:  # fmt: skip
+    """Teacher-forced logits (B, T, image_vocab_size + 1) for decoder inputs (B, T)."""
+    ends = _ends(config, "decoder", dtype)
+    decoder = params["model"]["decoder"]
+    positions = jnp.arange(decoder_input_ids.shape[1])[None]
+    hidden = ends.apply({"params": decoder}, decoder_input_ids, positions, method=StackEnds.embed)
+    cross_bias = _key_bias(attention_mask)
+    layer = DecoderLayer(config, dtype)
+
+    def body(h, layer_params):
+        return layer.apply({"params": layer_params}, h, encoder_hidden, cross_bias), None
+
+    hidden, _ = lax.scan(body, hidden, _layers(params, "decoder"))
+    hidden = ends.apply({"params": decoder}, hidden, method=StackEnds.finish)
+    return _lm_head(params, config, hidden, dtype)
+
+
+def cross_keys_values(params: Params, config: DalleBartConfig, encoder_hidden: Array,
+                      dtype: Any = jnp.float32) -> tuple[Array, Array]:  # fmt: skip
+    """Every decoder layer's cross-attention keys and values, (L, B, T, H, Dh) each."""
+    layer = DecoderLayer(config, dtype)
+
+    def one_layer(layer_params):
+        return layer.apply(
+            {"params": layer_params}, encoder_hidden, method=DecoderLayer.cross_keys_values
+        )
+
+    return jax.vmap(one_layer)(_layers(params, "decoder"))
+
+
+def decode_step(params: Params, config: DalleBartConfig, tokens: Array, index: Array,
+                cache_kv: tuple[Array, Array], cross_kv: tuple[Array, Array],
+                cross_bias: Array, dtype: Any = jnp.float32):  # fmt: skip
+    """Logits for the token after `tokens` (B,) at position `index`.
+
+    Args:
+      cache_kv: self-attention keys and values of positions < index, (L, B, S, H, Dh) each;
+        read only, the caller writes the returned new keys/values at `index`.
+      cross_kv: from `cross_keys_values`; cross_bias: from the prompt's attention mask.
+    Returns:
+      logits (B, image_vocab_size + 1) in float32 and the new (key, value), (L, B, 1, H, Dh).
+    """
+    ends = _ends(config, "decoder", dtype)
+    decoder = params["model"]["decoder"]
+    positions = jnp.broadcast_to(index, tokens.shape)[:, None]
+    hidden = ends.apply({"params": decoder}, tokens[:, None], positions, method=StackEnds.embed)
+    cache_length = cache_kv[0].shape[2]
+    cache_bias = jnp.where(jnp.arange(cache_length) < index, 0.0, _NEG_INF)[None, None, None]
+    layer = DecoderLayer(config, dtype)
+
+    def body(h, per_layer):
+        layer_params, layer_cache, layer_cross = per_layer
+        return layer.apply(
+            {"params": layer_params}, h, layer_cache, cache_bias, layer_cross, cross_bias,
+            method=DecoderLayer.step,
+        )
+
+    hidden, new_kv = lax.scan(body, hidden, (_layers(params, "decoder"), cache_kv, cross_kv))
+    hidden = ends.apply({"params": decoder}, hidden, method=StackEnds.finish)
+    return _lm_head(params, config, hidden[:, 0], dtype), new_kv

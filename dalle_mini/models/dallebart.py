@@ -1,0 +1,236 @@
+"""`DalleBart`: load, run and sample the published DALL·E Mini / Mega checkpoints.
+
+The interface mirrors the original inference notebook (`from_pretrained(..., _do_init=False)`
+returning `(model, params)`, `model(...).logits`, `model.generate(**batch, prng_key=...)`), so
+its users can switch. The computation lives in `models/bart.py` and `sampling.py`; this class
+holds a config, a compute dtype and the compiled functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle_mini import checkpoint, sampling
+from dalle_mini.hub import CheckpointError, resolve_folder
+from dalle_mini.models import bart
+
+Array = jax.Array
+_UNSCANNED = re.compile(r"^(.*/layers)/FlaxBart(Encoder|Decoder)Layer_(\d+)/(.*)$")
+
+
+@dataclasses.dataclass
+class EncoderOutput:
+    last_hidden_state: Array
+
+
+@dataclasses.dataclass
+class Seq2SeqOutput:
+    logits: Array  # (B, T, image_vocab_size + 1)
+    encoder_last_hidden_state: Array  # (B, max_text_length, d_model)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    sequences: Array  # (B, image_length + 1), start token first; codes are sequences[:, 1:]
+
+
+def to_scanned(params: dict[str, Any]) -> dict[str, Any]:
+    """Stacks an unscanned tree (`layers/FlaxBartEncoderLayer_{i}/...`) into the scanned layout."""
+    flat = checkpoint.flatten(params)
+    per_layer: dict[str, dict[int, Any]] = {}
+    scanned = {}
+    for path, leaf in flat.items():
+        match = _UNSCANNED.match(path)
+        if match is None:
+            scanned[path] = leaf
+            continue
+        stack, side, index, rest = match.groups()
+        per_layer.setdefault(f"{stack}/FlaxBart{side}Layers/{rest}", {})[int(index)] = leaf
+    for path, leaves in per_layer.items():
+        if sorted(leaves) != list(range(len(leaves))):
+            raise CheckpointError(f"unscanned layers of {path} are not numbered 0..{len(leaves) - 1}")
+        scanned[path] = np.stack([leaves[i] for i in range(len(leaves))])
+    return checkpoint.unflatten(scanned)
+
+
+class DalleBart:
+    """A DalleBart of a given config, computing in `dtype` (float32 or bfloat16)."""
+
+    WEIGHTS_FILES = (checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME)
+
+    def __init__(self, config: bart.DalleBartConfig, dtype: Any = jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.params = None  # set by from_pretrained(..., _do_init=True)
+        self._encode = jax.jit(lambda p, ids, mask: bart.encode(p, config, ids, mask, dtype))
+        self._forward = jax.jit(self._forward_fn)
+        self._init_state = jax.jit(self._init_state_fn, static_argnames="use_uncond")
+        self._run_steps = jax.jit(
+            self._run_steps_fn, static_argnames=("num_steps", "only_image_codes"),
+            donate_argnames="state",
+        )  # fmt: skip
+
+    # -- loading and saving ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder: str | os.PathLike, revision: str | None = None,
+                        dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                        _do_init: bool = False, **ignored):  # fmt: skip
+        """Loads a checkpoint folder, hub repo id or "embedded".
+
+        Returns `(model, params)` with `_do_init=False` (as the original), else the model with
+        `model.params` set. float16 checkpoints load as `param_dtype` (float32 by default).
+        """
+        folder = resolve_folder(
+            name_or_folder, component="dallebart", required_files=cls.WEIGHTS_FILES,
+            revision=revision,
+        )  # fmt: skip
+        try:
+            config = bart.DalleBartConfig.from_dict(checkpoint.read_json(folder / "config.json"))
+        except ValueError as error:
+            raise CheckpointError(f"{folder / 'config.json'}: {error}") from error
+        model = cls(config, dtype)
+        weights = folder / checkpoint.WEIGHTS_NAME
+        params = to_scanned(checkpoint.load_msgpack(weights))
+        checkpoint.check_tree(params, model.param_shapes(), weights)
+        params = jax.tree.map(jnp.asarray, checkpoint.cast_floating(params, param_dtype))
+        if _do_init:
+            model.params = params
+            return model
+        return model, params
+
+    def save_pretrained(self, folder: str | os.PathLike, params=None) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / checkpoint.CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+        checkpoint.save_msgpack(folder / checkpoint.WEIGHTS_NAME, self._params(params))
+
+    def init_params(self, rng: Array):
+        return bart.init_params(self.config, rng)
+
+    def param_shapes(self):
+        return jax.eval_shape(lambda: bart.init_params(self.config, jax.random.PRNGKey(0)))
+
+    def _params(self, params):
+        if params is None:
+            if self.params is None:
+                raise ValueError("pass params=..., or load with from_pretrained(..., _do_init=True)")
+            return self.params
+        return params
+
+    # -- forward passes ---------------------------------------------------------------------
+
+    def encode(self, input_ids, attention_mask, params=None) -> EncoderOutput:
+        return EncoderOutput(self._encode(self._params(params), input_ids, attention_mask))
+
+    def _forward_fn(self, params, input_ids, attention_mask, decoder_input_ids):
+        hidden = bart.encode(params, self.config, input_ids, attention_mask, self.dtype)
+        logits = bart.decode(
+            params, self.config, decoder_input_ids, hidden, attention_mask, self.dtype
+        )
+        return logits, hidden
+
+    def __call__(self, input_ids, attention_mask, decoder_input_ids, params=None,
+                 **ignored) -> Seq2SeqOutput:  # fmt: skip
+        """Teacher-forced logits: `logits[:, t]` predicts the token after decoder_input_ids[:, t]."""
+        logits, hidden = self._forward(
+            self._params(params), input_ids, attention_mask, decoder_input_ids
+        )
+        return Seq2SeqOutput(logits=logits, encoder_last_hidden_state=hidden)
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def _init_state_fn(self, params, ids, mask, uncond_ids, uncond_mask, row_keys, knobs,
+                       use_uncond):  # fmt: skip
+        if not use_uncond:
+            uncond_ids = uncond_mask = None
+        return sampling.init_state(
+            params, self.config, ids, mask, row_keys, knobs, uncond_ids, uncond_mask, self.dtype
+        )
+
+    def _run_steps_fn(self, params, state, num_steps, only_image_codes):
+        return sampling.run_steps(params, self.config, state, num_steps, only_image_codes, self.dtype)
+
+    def start_sampling(self, input_ids, attention_mask, row_keys, knobs: sampling.Knobs,
+                       input_ids_uncond=None, attention_mask_uncond=None,
+                       params=None) -> sampling.SamplerState:  # fmt: skip
+        """The sampler's first state. Unconditional rows run only where some scale is not 1."""
+        use_uncond = bool(np.any(np.asarray(knobs.condition_scale) != 1.0))
+        if use_uncond and input_ids_uncond is None:
+            input_ids_uncond, attention_mask_uncond = self.unconditional_batch(len(input_ids))
+        if not use_uncond:
+            input_ids_uncond, attention_mask_uncond = input_ids, attention_mask  # unused
+        return self._init_state(
+            self._params(params), jnp.asarray(input_ids), jnp.asarray(attention_mask),
+            jnp.asarray(input_ids_uncond), jnp.asarray(attention_mask_uncond),
+            row_keys, knobs, use_uncond=use_uncond,
+        )  # fmt: skip
+
+    def continue_sampling(self, state, num_steps=None, only_image_codes=True, params=None):
+        """Advances the sampler by `num_steps` codes (all remaining by default)."""
+        num_steps = self.config.image_length if num_steps is None else int(num_steps)
+        return self._run_steps(self._params(params), state, num_steps, only_image_codes)
+
+    def unconditional_batch(self, batch_size: int):
+        """Token ids of the empty prompt, `<s></s>` then padding, as the processor makes them."""
+        ids = np.full((batch_size, self.config.max_text_length), 1, np.int32)
+        ids[:, 0], ids[:, 1] = 0, 2
+        return ids, (ids != 1).astype(np.int32)
+
+    def generate(self, input_ids, attention_mask, input_ids_uncond=None, attention_mask_uncond=None,
+                 prng_key=None, params=None, top_k=None, top_p=None, temperature=None,
+                 condition_scale=1.0, only_image_codes=True, image_indices=None,
+                 **ignored) -> GenerateOutput:  # fmt: skip
+        """Samples `image_length` codes for each prompt row.
+
+        Args:
+          prng_key: row r uses `fold_in(prng_key, image_indices[r])`, so an image does not depend
+            on the batch it was sampled in. Default PRNGKey(0).
+          top_k: None is the original's default (config.top_k, 50); 0 disables it.
+          top_p: None or 1.0 disables nucleus filtering. temperature: None is 1.0.
+          condition_scale: super-conditioning weight; 1.0 skips the unconditional rows.
+          only_image_codes: never sample ids that are not VQGAN codes (start token, eos/pad,
+            padded rows). False samples exactly as the original did.
+          image_indices: (B,) ints, default 0..B-1.
+        """
+        batch = len(input_ids)
+        knobs = sampling.Knobs.broadcast(
+            batch, condition_scale=condition_scale,
+            temperature=1.0 if temperature is None else temperature,
+            top_k=self.config.top_k if top_k is None else top_k,
+            top_p=1.0 if top_p is None else top_p,
+        )  # fmt: skip
+        validate_knobs(knobs)
+        prng_key = jax.random.PRNGKey(0) if prng_key is None else prng_key
+        indices = jnp.arange(batch) if image_indices is None else jnp.asarray(image_indices)
+        row_keys = sampling.row_keys_for(prng_key, indices)
+        state = self.start_sampling(
+            input_ids, attention_mask, row_keys, knobs, input_ids_uncond, attention_mask_uncond,
+            params,
+        )  # fmt: skip
+        state = self.continue_sampling(state, only_image_codes=only_image_codes, params=params)
+        return GenerateOutput(sequences=state.sequences)
+
+
+def validate_knobs(knobs: sampling.Knobs) -> None:
+    """Raises ValueError, naming the knob and its valid range, for values sampling cannot use."""
+    checks = (
+        ("temperature", knobs.temperature, lambda t: np.isfinite(t) & (t > 0), "a number > 0"),
+        ("condition_scale", knobs.condition_scale, np.isfinite, "a finite number"),
+        ("top_p", knobs.top_p, lambda p: np.isfinite(p) & (p > 0), "a number in (0, 1]"),
+        ("top_k", knobs.top_k, lambda k: k >= 0, "an integer >= 0 (0 disables it)"),
+    )
+    for name, values, is_valid, expected in checks:
+        values = np.asarray(values)
+        if not np.all(is_valid(values)):
+            bad = values[~is_valid(values)][0]
+            raise ValueError(f"{name}={bad} is not valid: expected {expected}")

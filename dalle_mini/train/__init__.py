@@ -1,0 +1,1 @@
+"""Training: the synthetic scene world the embedded models learn from, its checker, and the trainers."""

@@ -1,0 +1,249 @@
+"""VQGAN: conformance with the original vqgan-jax, the published f16_16384 tree, checkpoint
+loading and saving, input checks, and the training forward pass.
+
+Fixtures in tests/fixtures/vqgan/ come from ../shared/reference/vqgan (written by the original
+code: a tiny random VQGAN, its config.json, and its outputs in reference.npz).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dalle_mini.checkpoint import count_params, flatten, load_msgpack, save_msgpack, unflatten
+from dalle_mini.hub import CheckpointError
+from dalle_mini.models.vqgan import VQGANConfig, VQModel
+
+FIXTURES = Path(__file__).parent / "fixtures"
+VQGAN_FOLDER = FIXTURES / "vqgan"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dict(np.load(VQGAN_FOLDER / "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return VQModel.from_pretrained(VQGAN_FOLDER, _do_init=False)
+
+
+# --- conformance with the original -------------------------------------------------------
+
+
+def test_loads_reference_checkpoint_with_all_its_parameters(loaded):
+    vqgan, params = loaded
+    assert count_params(params) == 1_037_875
+    assert vqgan.num_codes_per_image == 64  # 32² pixels, f4 → 8×8 codes
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
+
+
+def test_encode_matches_original(loaded, reference):
+    vqgan, params = loaded
+    quant, codes = vqgan.encode(reference["images"], params=params)
+    assert codes.shape == (4, 64) and codes.dtype == jnp.int32
+    agree = np.asarray(codes) == reference["indices"]
+    assert agree.mean() >= 0.99
+    assert quant.shape == (4, 8, 8, 16)
+    quant_error = np.abs(np.asarray(quant) - reference["quant"]).reshape(4, 64, 16)
+    assert quant_error[agree].max() <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "expected, method, source",
+    [
+        ("decoded", "decode_code", "indices"),
+        ("decoded_random", "decode_code", "random_indices"),
+        ("decoded_from_images", "decode", "quant"),
+    ],
+)
+def test_decode_matches_original(loaded, reference, expected, method, source):
+    vqgan, params = loaded
+    images = getattr(vqgan, method)(reference[source], params=params)
+    assert images.shape == (4, 32, 32, 3) and images.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(images), reference[expected], atol=1e-3, rtol=0)
+
+
+def test_decode_code_accepts_a_grid_and_returns_raw_unclipped_output(loaded, reference):
+    vqgan, params = loaded
+    grid = reference["indices"].reshape(4, 8, 8)
+    images = np.asarray(vqgan.decode_code(grid, params=params))
+    np.testing.assert_allclose(images, reference["decoded"], atol=1e-3, rtol=0)
+    assert images.max() > 1.0  # the reference output leaves [0, 1]: callers clip, not us
+
+
+def test_jitted_functions_are_compiled_once_per_shape(loaded, reference):
+    vqgan, params = loaded
+    vqgan.decode_code(reference["indices"], params=params)
+    vqgan.decode_code(reference["random_indices"], params=params)
+    assert vqgan._decode_code._cache_size() == 1
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_outputs(reference):
+    vqgan, params = VQModel.from_pretrained(VQGAN_FOLDER, dtype=jnp.bfloat16)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
+    _, codes = vqgan.encode(reference["images"], params=params)
+    assert (np.asarray(codes) == reference["indices"]).mean() >= 0.9
+    images = np.asarray(vqgan.decode_code(reference["indices"], params=params))
+    assert images.dtype == np.float32
+    assert np.abs(images - reference["decoded"]).mean() < 0.05
+
+
+# --- the published f16_16384 architecture ------------------------------------------------
+
+
+def test_published_config_builds_exactly_the_published_tree():
+    config = VQGANConfig.from_json(FIXTURES / "config_vqgan_f16_16384.json")
+    assert config == VQGANConfig.f16_16384()
+    published = json.loads((FIXTURES / "param_trees.json").read_text())["vqgan_f16_16384"]
+    abstract = VQModel(config).abstract_params()
+    assert {path: list(leaf.shape) for path, leaf in flatten(abstract).items()} == published[
+        "params"
+    ]
+    assert count_params(abstract) == published["total_params"] == 76_073_859
+    assert VQModel(config).num_codes_per_image == 256
+
+
+def test_config_round_trips_through_json_and_ignores_unknown_keys(tmp_path):
+    config = VQGANConfig.f16_16384()
+    config.to_json(tmp_path / "config.json")
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["num_resolutions"] == 5 and written["ch_mult"] == [1, 1, 2, 2, 4]
+    assert VQGANConfig.from_json(tmp_path / "config.json") == config
+    assert VQGANConfig.from_dict({**written, "transformers_version": "4.25.1"}) == config
+
+
+def test_inconsistent_config_is_refused():
+    with pytest.raises(ValueError, match="num_resolutions=3 disagrees"):
+        VQGANConfig.from_dict({"ch_mult": [1, 2], "num_resolutions": 3})
+    with pytest.raises(ValueError, match="multiple of 32"):
+        VQGANConfig(ch=48, ch_mult=(1, 2))
+
+
+# --- checkpoint errors and round trip ----------------------------------------------------
+
+
+def _copy_checkpoint(tmp_path: Path) -> Path:
+    folder = tmp_path / "vqgan"
+    shutil.copytree(VQGAN_FOLDER, folder)
+    (folder / "reference.npz").unlink()
+    return folder
+
+
+def test_checkpoint_that_does_not_match_its_config_names_the_paths(tmp_path):
+    folder = _copy_checkpoint(tmp_path)
+    flat = flatten(load_msgpack(folder / "flax_model.msgpack"))
+    flat["quantize/embedding/embedding"] = np.zeros((100, 16), np.float32)
+    del flat["decoder/conv_out/bias"]
+    save_msgpack(folder / "flax_model.msgpack", unflatten(flat))
+    with pytest.raises(CheckpointError) as error:
+        VQModel.from_pretrained(folder)
+    message = str(error.value)
+    assert "flax_model.msgpack" in message
+    assert "quantize/embedding/embedding (100, 16)" in message
+    assert "decoder/conv_out/bias" in message
+
+
+def test_missing_or_truncated_weights_name_the_file(tmp_path):
+    folder = _copy_checkpoint(tmp_path)
+    weights = folder / "flax_model.msgpack"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="flax_model.msgpack is truncated"):
+        VQModel.from_pretrained(folder)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="lacks flax_model.msgpack"):
+        VQModel.from_pretrained(folder)
+
+
+def test_save_then_load_gives_identical_outputs(tmp_path, loaded, reference):
+    vqgan, params = loaded
+    vqgan.save_pretrained(tmp_path / "saved", params)
+    reloaded, reloaded_params = VQModel.from_pretrained(tmp_path / "saved")
+    assert reloaded.config == vqgan.config
+    before = vqgan.decode_code(reference["random_indices"], params=params)
+    after = reloaded.decode_code(reference["random_indices"], params=reloaded_params)
+    np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+
+
+def test_float16_checkpoint_loads_as_float32(tmp_path, loaded, reference):
+    vqgan, params = loaded
+    half = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float16), params)
+    vqgan.save_pretrained(tmp_path / "half", half)
+    model, loaded_half = VQModel.from_pretrained(tmp_path / "half")
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(loaded_half))
+    images = model.decode_code(reference["indices"], params=loaded_half)
+    np.testing.assert_allclose(np.asarray(images), reference["decoded"], atol=0.05, rtol=0)
+
+
+def test_do_init_true_keeps_the_weights_on_the_model(reference):
+    vqgan = VQModel.from_pretrained(VQGAN_FOLDER, _do_init=True)
+    _, codes = vqgan.encode(reference["images"])
+    assert (np.asarray(codes) == reference["indices"]).mean() >= 0.99
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(loaded, reference):
+    vqgan, params = loaded
+    codes = reference["indices"].copy()
+    codes[0, 0] = 128  # the decoder start token of a 128-code model, not a code
+    with pytest.raises(ValueError, match="code 128 is outside the codebook"):
+        vqgan.decode_code(codes, params=params)
+    with pytest.raises(ValueError, match="pass sequences\\[:, 1:\\]"):
+        vqgan.decode_code(np.zeros((4, 65), np.int32), params=params)
+    with pytest.raises(ValueError, match="divide uint8 images by 255"):
+        vqgan.encode((reference["images"] * 255).astype(np.uint8), params=params)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        vqgan.encode(reference["images"][:, :30, :30], params=params)
+    with pytest.raises(ValueError, match="no params"):
+        vqgan.decode_code(reference["indices"])
+
+
+# --- training forward --------------------------------------------------------------------
+
+
+def test_training_forward_reconstructs_and_routes_gradients(loaded, reference):
+    vqgan, params = loaded
+    images = jnp.asarray(reference["images"])
+    out = vqgan.module.apply({"params": params}, images, train=True)
+    assert (np.asarray(out.codes) == reference["indices"]).mean() >= 0.99
+    np.testing.assert_allclose(
+        np.asarray(out.reconstruction), reference["decoded_from_images"], atol=1e-3, rtol=0
+    )
+    assert float(out.codebook_loss) > 0
+    np.testing.assert_allclose(float(out.codebook_loss), float(out.commitment_loss), rtol=1e-5)
+
+    def grads_of(field):
+        def loss(p):
+            return jnp.mean(getattr(vqgan.module.apply({"params": p}, images, train=True), field))
+
+        return jax.grad(loss)(params)
+
+    def norm(tree):
+        return float(sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(tree)))
+
+    reconstruction = grads_of("reconstruction")  # straight-through: reaches the encoder
+    assert norm(reconstruction["encoder"]) > 0 and norm(reconstruction["quantize"]) == 0
+    codebook = grads_of("codebook_loss")  # moves only the codebook
+    assert norm(codebook["quantize"]) > 0 and norm(codebook["encoder"]) == 0
+    commitment = grads_of("commitment_loss")  # moves only the encoder
+    assert norm(commitment["encoder"]) > 0 and norm(commitment["quantize"]) == 0
+
+
+def test_fresh_weights_have_the_config_tree():
+    config = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, z_channels=8,
+                         attn_resolutions=(8,), n_embed=32, embed_dim=4)
+    vqgan = VQModel(config)
+    params = vqgan.init_params(jax.random.PRNGKey(0))
+    abstract = vqgan.abstract_params()
+    assert {p: leaf.shape for p, leaf in flatten(params).items()} == {
+        p: leaf.shape for p, leaf in flatten(abstract).items()
+    }
+    quant, codes = vqgan.encode(jnp.full((2, 16, 16, 3), 0.5), params=params)
+    assert quant.shape == (2, 8, 8, 4) and codes.shape == (2, 64)
+    assert vqgan.decode_code(codes, params=params).shape == (2, 16, 16, 3)
