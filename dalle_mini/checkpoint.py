@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
@@ -121,6 +122,7 @@ def cast_floating(tree: Any, dtype) -> Any:
 
     def cast(leaf):
         leaf = np.asarray(leaf)
-        return leaf.astype(dtype) if np.issubdtype(leaf.dtype, np.floating) else leaf
+        # jnp.issubdtype also counts ml_dtypes' bfloat16 as floating; numpy's does not
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
 
     return _map_leaves(tree, cast)

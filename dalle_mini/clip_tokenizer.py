@@ -64,7 +64,9 @@ class CLIPTokenizer:
                 f"dalle_mini/assets/{VOCAB_NAME} (reinstall the package)"
             )
         with gzip.open(path, "rt", encoding="utf-8") as lines:
-            merges = [tuple(line.split()) for line in lines.read().split("\n")[1 : _MERGE_COUNT + 1]]
+            merges = [
+                tuple(line.split()) for line in lines.read().split("\n")[1 : _MERGE_COUNT + 1]
+            ]
         if len(merges) != _MERGE_COUNT or any(len(pair) != 2 for pair in merges):
             raise ValueError(f"{path} is not the CLIP BPE merges file ({len(merges)} merges read)")
         self.vocab_path = path
@@ -86,7 +88,7 @@ class CLIPTokenizer:
             return (piece,)
         symbols = [*piece[:-1], piece[-1] + _WORD_END]
         while len(symbols) > 1:
-            pairs = set(zip(symbols, symbols[1:]))
+            pairs = set(zip(symbols, symbols[1:], strict=False))
             best = min(pairs, key=lambda pair: self.merge_ranks.get(pair, float("inf")))
             if best not in self.merge_ranks:
                 break

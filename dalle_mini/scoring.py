@@ -7,8 +7,8 @@ normalise) and tokenizer (`clip_tokenizer.py`), so scores match open_clip's. All
 are scored in one jit-compiled call. With `backend="open_clip"` the same interface runs
 open-clip-torch itself (`scoring_torch.py`, needs `pip install .[open_clip]`).
 
-    scorer = CLIPScorer.from_pretrained("ViT-B-32")      # OpenAI ViT-B/32, like the original notebook
-    best = scorer.rerank(prompt, images, keep=9)         # [RankedImage(index, score, image), ...]
+    scorer = CLIPScorer.from_pretrained("ViT-B-32")  # OpenAI ViT-B/32, as the original notebook
+    best = scorer.rerank(prompt, images, keep=9)     # [RankedImage(index, score, image), ...]
 """
 
 from __future__ import annotations
@@ -88,8 +88,12 @@ class PreprocessConfig:
         )
 
     def to_open_clip(self) -> dict[str, Any]:
-        return {"mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "resize_mode": self.resize_mode}  # fmt: skip
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+        }
 
 
 def to_pil_image(image: Any) -> Image.Image:
@@ -132,7 +136,11 @@ def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray
         target = (size, size)
     else:  # torchvision Resize(int): short side -> size, long side truncated
         short, long = min(width, height), max(width, height)
-        target = (size, int(size * long / short)) if width <= height else (int(size * long / short), size)
+        target = (
+            (size, int(size * long / short))
+            if width <= height
+            else (int(size * long / short), size)
+        )
     if target != image.size:
         image = image.resize(target, _RESAMPLING[config.interpolation])
     if config.resize_mode == "shortest":
@@ -187,6 +195,11 @@ class FlaxCLIPBackend:
     name = "flax"
 
     def __init__(self, config, params, preprocess, tokenizer, dtype=jnp.float32):
+        if tokenizer.vocab_size > config.text.vocab_size:
+            raise CheckpointError(
+                f"the CLIP text tower has {config.text.vocab_size} token embeddings but its "
+                f"tokenizer produces ids up to {tokenizer.vocab_size - 1}"
+            )
         self.config, self.preprocess_config, self.tokenizer = config, preprocess, tokenizer
         self.dtype = jnp.dtype(dtype)
         self.module = CLIP(config, dtype=self.dtype)
@@ -220,12 +233,17 @@ class FlaxCLIPBackend:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = {"model_cfg": self.config.to_open_clip(),
-                  "preprocess_cfg": self.preprocess_config.to_open_clip()}  # fmt: skip
+        config = {
+            "model_cfg": self.config.to_open_clip(),
+            "preprocess_cfg": self.preprocess_config.to_open_clip(),
+        }
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(state_dict_from_params(self.params), str(folder / WEIGHTS_NAME))
         vocab = Path(self.tokenizer.vocab_path)
-        if vocab.resolve() != PACKAGED_VOCAB.resolve() and vocab.parent.resolve() != folder.resolve():
+        if (
+            vocab.resolve() != PACKAGED_VOCAB.resolve()
+            and vocab.parent.resolve() != folder.resolve()
+        ):
             shutil.copyfile(vocab, folder / VOCAB_NAME)
 
 
@@ -258,8 +276,9 @@ def load_flax_backend(folder: Path, dtype=jnp.float32) -> FlaxCLIPBackend:
             "{'model_cfg': {...}, 'preprocess_cfg': {...}}"
         )
     config = CLIPConfig.from_open_clip(cfg["model_cfg"])
-    preprocess = PreprocessConfig.from_open_clip(cfg.get("preprocess_cfg", {}),
-                                                 config.vision.image_size)  # fmt: skip
+    preprocess = PreprocessConfig.from_open_clip(
+        cfg.get("preprocess_cfg", {}), config.vision.image_size
+    )
     try:
         state_dict = load_file(str(folder / WEIGHTS_NAME))
     except Exception as error:  # safetensors raises its own error types on bad bytes
@@ -304,8 +323,13 @@ class CLIPScorer:
         return cls(load_flax_backend(resolve_clip_folder(name_or_folder, revision), dtype))
 
     @classmethod
-    def from_params(cls, config: CLIPConfig, params, preprocess: PreprocessConfig | None = None,
-                    dtype=jnp.float32) -> CLIPScorer:  # fmt: skip
+    def from_params(
+        cls,
+        config: CLIPConfig,
+        params,
+        preprocess: PreprocessConfig | None = None,
+        dtype=jnp.float32,
+    ) -> CLIPScorer:
         """A scorer around parameters in memory (a CLIP being trained, or `init_params`)."""
         preprocess = preprocess or PreprocessConfig(image_size=config.vision.image_size)
         tokenizer = CLIPTokenizer(context_length=config.text.context_length)

@@ -23,7 +23,9 @@ def _import_open_clip():
     try:
         import open_clip
         import torch
-    except Exception as error:  # a broken torchvision fails with RuntimeError/OSError, not only ImportError
+    except (
+        Exception
+    ) as error:  # a broken torchvision fails with RuntimeError/OSError, not only ImportError
         raise ImportError(f"{_INSTALL_HINT} ({type(error).__name__}: {error})") from error
     return open_clip, torch
 

@@ -1,4 +1,4 @@
-"""Shared test setup: no network, small fixtures copied from the original implementation's outputs."""
+"""Shared test setup: no network; fixtures are outputs of the original implementation."""
 
 import os
 from pathlib import Path

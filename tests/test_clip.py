@@ -87,8 +87,12 @@ def test_rgba_gray_and_palette_images_are_converted_like_open_clip(scorer, ref):
     # raw arrays: (H, W) and (H, W, 1) are grayscale, (H, W, 4) is RGBA
     expected_gray = nhwc(ref["gray_pixel_values"])
     np.testing.assert_allclose(scorer.preprocess(ref["gray_uint8"]), expected_gray, atol=1e-5)
-    np.testing.assert_allclose(scorer.preprocess([ref["gray_uint8"][..., None]]), expected_gray, atol=1e-5)
-    np.testing.assert_allclose(scorer.preprocess(ref["rgba_uint8"]), nhwc(ref["rgba_pixel_values"]), atol=1e-5)
+    np.testing.assert_allclose(
+        scorer.preprocess([ref["gray_uint8"][..., None]]), expected_gray, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        scorer.preprocess(ref["rgba_uint8"]), nhwc(ref["rgba_pixel_values"]), atol=1e-5
+    )
 
 
 def test_float_images_in_unit_range_equal_their_uint8_version(scorer, ref):
@@ -118,7 +122,9 @@ def test_images_of_other_sizes_and_modes_are_accepted(scorer):
 def test_features_match_open_clip(scorer, ref, texts):
     image_features = scorer.encode_pixels(nhwc(ref["pixel_values"]))
     np.testing.assert_allclose(image_features, ref["image_features"], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(scorer.encode_images(ref["images_uint8"]), ref["image_features"], atol=1e-4)
+    np.testing.assert_allclose(
+        scorer.encode_images(ref["images_uint8"]), ref["image_features"], atol=1e-4
+    )
     text_features = scorer.encode_text(texts["texts"])
     np.testing.assert_allclose(text_features, ref["text_features"], rtol=0, atol=1e-4)
     assert scorer.backend.logit_scale == pytest.approx(float(ref["logit_scale"]))
@@ -141,7 +147,9 @@ def test_rerank_keeps_the_best_in_order(scorer, ref, texts):
         assert all(isinstance(r, RankedImage) for r in best)
         assert best[0].score >= best[1].score
         assert best[0].image is images[best[0].index]
-        np.testing.assert_allclose([r.score for r in best], ref["logits_per_text"][row][expected], atol=1e-4)
+        np.testing.assert_allclose(
+            [r.score for r in best], ref["logits_per_text"][row][expected], atol=1e-4
+        )
     assert len(scorer.rerank(texts["texts"][0], images, keep=9)) == 4  # keep > N keeps all
     with pytest.raises(ValueError, match="keep must be at least 1"):
         scorer.rerank(texts["texts"][0], images, keep=0)
@@ -185,7 +193,10 @@ def test_short_names_map_to_open_clip_hub_folders(monkeypatch):
     monkeypatch.setattr(scoring_module, "resolve_folder", fake_resolve)
     CLIPScorer.from_pretrained("ViT-B-32", revision="abc")
     CLIPScorer.from_pretrained("laion/some-clip")
-    assert requested == [("timm/vit_base_patch32_clip_224.openai", "abc"), ("laion/some-clip", None)]
+    assert requested == [
+        ("timm/vit_base_patch32_clip_224.openai", "abc"),
+        ("laion/some-clip", None),
+    ]
 
 
 def test_embedded_clip_loads_from_the_package_assets(monkeypatch, tmp_path, ref):
@@ -201,14 +212,22 @@ def test_save_pretrained_round_trips_in_open_clip_format(scorer, tmp_path, ref, 
     from safetensors.numpy import load_file
 
     scorer.save_pretrained(tmp_path)
-    saved, original = load_file(tmp_path / "open_clip_model.safetensors"), load_file(FIXTURE / "open_clip_model.safetensors")
+    saved, original = (
+        load_file(tmp_path / "open_clip_model.safetensors"),
+        load_file(FIXTURE / "open_clip_model.safetensors"),
+    )
     assert saved.keys() == original.keys()
     for key in original:
         np.testing.assert_array_equal(saved[key], original[key], err_msg=key)
     config = json.loads((tmp_path / "open_clip_config.json").read_text())
-    assert config["model_cfg"]["quick_gelu"] is True and config["preprocess_cfg"]["resize_mode"] == "shortest"
+    assert (
+        config["model_cfg"]["quick_gelu"] is True
+        and config["preprocess_cfg"]["resize_mode"] == "shortest"
+    )
     reloaded = CLIPScorer.from_pretrained(tmp_path)
-    np.testing.assert_allclose(reloaded.score(texts["texts"][1], ref["images_uint8"]), ref["logits_per_text"][1], atol=1e-4)
+    np.testing.assert_allclose(
+        reloaded.score(texts["texts"][1], ref["images_uint8"]), ref["logits_per_text"][1], atol=1e-4
+    )
 
 
 def test_a_folders_own_vocabulary_is_used(tmp_path, ref):
@@ -216,7 +235,9 @@ def test_a_folders_own_vocabulary_is_used(tmp_path, ref):
     shutil.copy(scoring_module.PACKAGED_VOCAB, tmp_path / "clip" / "bpe_simple_vocab_16e6.txt.gz")
     scorer = CLIPScorer.from_pretrained(tmp_path / "clip")
     assert scorer.backend.tokenizer.vocab_path == tmp_path / "clip" / "bpe_simple_vocab_16e6.txt.gz"
-    np.testing.assert_array_equal(scorer.tokenize("an armchair in the shape of an avocado")[0], ref["text_tokens"][0])
+    np.testing.assert_array_equal(
+        scorer.tokenize("an armchair in the shape of an avocado")[0], ref["text_tokens"][0]
+    )
 
 
 def test_open_clip_backend_says_how_to_install_it(monkeypatch):

@@ -1,6 +1,7 @@
 """DalleBart against the original implementation's outputs, and the loader's guarantees."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from dalle_mini.hub import CheckpointError
 from dalle_mini.models import bart
 from dalle_mini.models.dallebart import DalleBart
 
-from conftest import FIXTURES
+FIXTURES = Path(__file__).parent / "fixtures"
 
 SCAN = FIXTURES / "dallebart-scan"
 BATCH_KEYS = ("input_ids", "attention_mask", "input_ids_uncond", "attention_mask_uncond")
@@ -73,9 +74,13 @@ def test_teacher_forced_logits_match_original(loaded, reference):
 def test_greedy_generation_matches_original(loaded, reference, batch, scale):
     model, params = loaded
     sequences = model.generate(
-        **batch, prng_key=jax.random.PRNGKey(0), params=params, top_k=1,
-        condition_scale=float(scale), only_image_codes=False,
-    ).sequences  # fmt: skip
+        **batch,
+        prng_key=jax.random.PRNGKey(0),
+        params=params,
+        top_k=1,
+        condition_scale=float(scale),
+        only_image_codes=False,
+    ).sequences
     expected = reference[f"greedy_cs{scale}"]
     assert sequences.shape == expected.shape
     assert np.mean(np.asarray(sequences) == expected) >= 0.98
@@ -88,9 +93,11 @@ def test_step_decoding_agrees_with_teacher_forcing(loaded, reference, batch):
         **batch, prng_key=jax.random.PRNGKey(5), params=params, condition_scale=1.0
     ).sequences
     logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-        decoder_input_ids=sequences[:, :-1], params=params,
-    ).logits  # fmt: skip
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=sequences[:, :-1],
+        params=params,
+    ).logits
     # with top-k 50 every sampled token must be among the 50 best of the teacher-forced logits
     rank = (logits > np.take_along_axis(logits, sequences[:, 1:, None], -1)).sum(-1)
     assert rank.max() < 50
@@ -152,23 +159,37 @@ def test_unscanned_and_float16_checkpoints_load(tmp_path, loaded, reference):
     unscanned = _unscanned(params)
     assert any("FlaxBartEncoderLayer_1" in path for path in checkpoint.flatten(unscanned))
     model, loaded_params = DalleBart.from_pretrained(_checkpoint_copy(tmp_path / "u", unscanned))
-    _close(model(reference["input_ids"], reference["attention_mask"],
-                 reference["decoder_input_ids"], params=loaded_params).logits,
-           reference["logits"])  # fmt: skip
+    _close(
+        model(
+            reference["input_ids"],
+            reference["attention_mask"],
+            reference["decoder_input_ids"],
+            params=loaded_params,
+        ).logits,
+        reference["logits"],
+    )
 
     half = checkpoint.cast_floating(params, np.float16)
     model, half_params = DalleBart.from_pretrained(_checkpoint_copy(tmp_path / "h", half))
     assert jax.tree.leaves(half_params)[0].dtype == jnp.float32
-    logits = model(reference["input_ids"], reference["attention_mask"],
-                   reference["decoder_input_ids"], params=half_params).logits  # fmt: skip
+    logits = model(
+        reference["input_ids"],
+        reference["attention_mask"],
+        reference["decoder_input_ids"],
+        params=half_params,
+    ).logits
     assert np.abs(logits - reference["logits"]).max() < 0.1
 
 
 def test_bfloat16_compute_stays_close(loaded, reference):
     _, params = loaded
     model = DalleBart(loaded[0].config, dtype=jnp.bfloat16)
-    logits = model(reference["input_ids"], reference["attention_mask"],
-                   reference["decoder_input_ids"], params=params).logits  # fmt: skip
+    logits = model(
+        reference["input_ids"],
+        reference["attention_mask"],
+        reference["decoder_input_ids"],
+        params=params,
+    ).logits
     assert logits.dtype == jnp.float32
     agree = np.mean(np.argmax(logits, -1) == np.argmax(reference["logits"], -1))
     assert agree > 0.9
@@ -220,6 +241,7 @@ def test_save_and_reload_round_trip(tmp_path, loaded, reference):
     model, params = loaded
     model.save_pretrained(tmp_path, params)
     again = DalleBart.from_pretrained(tmp_path, _do_init=True)
-    logits = again(reference["input_ids"], reference["attention_mask"],
-                   reference["decoder_input_ids"]).logits  # fmt: skip
+    logits = again(
+        reference["input_ids"], reference["attention_mask"], reference["decoder_input_ids"]
+    ).logits
     _close(logits, reference["logits"])

@@ -1,5 +1,7 @@
 """The sampler's knobs on hand-made logits, and its guarantees on a real (tiny) checkpoint."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from dalle_mini import sampling
 from dalle_mini.models.dallebart import DalleBart
 
-from conftest import FIXTURES
+FIXTURES = Path(__file__).parent / "fixtures"
 
 NUM_KEYS = 200
 
@@ -21,9 +23,16 @@ def _state(batch, *, condition_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, s
     keys = sampling.row_keys_for(jax.random.PRNGKey(0), jnp.arange(batch))
     empty = jnp.zeros((0,))
     return sampling.SamplerState(
-        step=jnp.asarray(step), sequences=empty, cache_keys=empty, cache_values=empty,
-        cross_keys=empty, cross_values=empty, cross_bias=empty, row_keys=keys, knobs=knobs,
-    )  # fmt: skip
+        step=jnp.asarray(step),
+        sequences=empty,
+        cache_keys=empty,
+        cache_values=empty,
+        cross_keys=empty,
+        cross_values=empty,
+        cross_bias=empty,
+        row_keys=keys,
+        knobs=knobs,
+    )
 
 
 class StubConfig:
@@ -83,8 +92,14 @@ def test_rows_with_different_knobs_in_one_batch():
     logits = jnp.asarray([LOGITS, LOGITS], jnp.float32)
     state = _state(2, top_k=0, temperature=1.0)
     state = state.replace(knobs=state.knobs.replace(top_k=jnp.asarray([1, 0])))
-    first = {int(sampling.next_codes(logits, None, state.replace(step=jnp.asarray(s)),
-                                     StubConfig, True)[0]) for s in range(50)}  # fmt: skip
+    first = {
+        int(
+            sampling.next_codes(logits, None, state.replace(step=jnp.asarray(s)), StubConfig, True)[
+                0
+            ]
+        )
+        for s in range(50)
+    }
     assert first == {0}
 
 
@@ -92,8 +107,10 @@ def test_rows_with_different_knobs_in_one_batch():
 def tiny():
     model, params = DalleBart.from_pretrained(FIXTURES / "dallebart-scan")
     batch = dict(np.load(FIXTURES / "dallebart-scan" / "reference.npz"))
-    batch = {k: batch[k] for k in ("input_ids", "attention_mask",
-                                   "input_ids_uncond", "attention_mask_uncond")}  # fmt: skip
+    batch = {
+        k: batch[k]
+        for k in ("input_ids", "attention_mask", "input_ids_uncond", "attention_mask_uncond")
+    }
     return model, params, batch
 
 
@@ -102,17 +119,24 @@ def test_an_image_does_not_depend_on_its_batch(tiny):
     key = jax.random.PRNGKey(42)
     full = model.generate(**batch, prng_key=key, params=params, condition_scale=10.0).sequences
     alone = model.generate(
-        **{k: v[2:3] for k, v in batch.items()}, prng_key=key, params=params,
-        condition_scale=10.0, image_indices=[2],
-    ).sequences  # fmt: skip
+        **{k: v[2:3] for k, v in batch.items()},
+        prng_key=key,
+        params=params,
+        condition_scale=10.0,
+        image_indices=[2],
+    ).sequences
     np.testing.assert_array_equal(alone[0], full[2])
     pair = model.generate(
-        **{k: v[[3, 0]] for k, v in batch.items()}, prng_key=key, params=params,
-        condition_scale=10.0, image_indices=[3, 0],
-    ).sequences  # fmt: skip
+        **{k: v[[3, 0]] for k, v in batch.items()},
+        prng_key=key,
+        params=params,
+        condition_scale=10.0,
+        image_indices=[3, 0],
+    ).sequences
     np.testing.assert_array_equal(pair, np.asarray(full)[[3, 0]])
-    other_seed = model.generate(**batch, prng_key=jax.random.PRNGKey(43), params=params,
-                                condition_scale=10.0).sequences  # fmt: skip
+    other_seed = model.generate(
+        **batch, prng_key=jax.random.PRNGKey(43), params=params, condition_scale=10.0
+    ).sequences
     assert np.mean(np.asarray(other_seed) == np.asarray(full)) < 0.5
 
 
@@ -122,8 +146,9 @@ def test_hot_temperature_never_yields_non_codes_by_default(tiny):
     masked = model.generate(**batch, prng_key=jax.random.PRNGKey(1), **kwargs).sequences
     assert np.all(np.asarray(masked)[:, 1:] < model.config.num_codes)
     unmasked = [
-        model.generate(**batch, prng_key=jax.random.PRNGKey(s), only_image_codes=False,
-                       **kwargs).sequences  # fmt: skip
+        model.generate(
+            **batch, prng_key=jax.random.PRNGKey(s), only_image_codes=False, **kwargs
+        ).sequences
         for s in range(4)
     ]
     assert np.any(np.asarray(unmasked)[:, :, 1:] >= model.config.num_codes)
@@ -143,10 +168,15 @@ def test_chunked_sampling_equals_one_loop(tiny):
     model, params, batch = tiny
     keys = sampling.row_keys_for(jax.random.PRNGKey(7), jnp.arange(4))
     knobs = sampling.Knobs.broadcast(4, condition_scale=3.0, temperature=1.0, top_k=50, top_p=1.0)
-    whole = model.continue_sampling(model.start_sampling(
-        batch["input_ids"], batch["attention_mask"], keys, knobs, params=params), params=params)
-    state = model.start_sampling(batch["input_ids"], batch["attention_mask"], keys, knobs,
-                                 params=params)  # fmt: skip
+    whole = model.continue_sampling(
+        model.start_sampling(
+            batch["input_ids"], batch["attention_mask"], keys, knobs, params=params
+        ),
+        params=params,
+    )
+    state = model.start_sampling(
+        batch["input_ids"], batch["attention_mask"], keys, knobs, params=params
+    )
     for _ in range(3):  # 3 chunks of 24 cover the 64 codes, the last one stops early
         state = model.continue_sampling(state, 24, params=params)
     assert int(state.step) == 64
@@ -155,9 +185,14 @@ def test_chunked_sampling_equals_one_loop(tiny):
 
 @pytest.mark.parametrize(
     "knob, value",
-    [("temperature", 0.0), ("temperature", float("nan")), ("top_p", 0.0), ("top_k", -1),
-     ("condition_scale", float("inf"))],
-)  # fmt: skip
+    [
+        ("temperature", 0.0),
+        ("temperature", float("nan")),
+        ("top_p", 0.0),
+        ("top_k", -1),
+        ("condition_scale", float("inf")),
+    ],
+)
 def test_invalid_knobs_name_the_knob(tiny, knob, value):
     model, params, batch = tiny
     with pytest.raises(ValueError, match=knob):

@@ -1,5 +1,8 @@
-"""The networks of DALL·E Mini, one file per model: `bart.py` (DalleBart, text → image codes),
-`vqgan.py` with `vqgan_layers.py` (VQGAN, image codes ↔ pixels), `clip.py` (the scorer).
+"""The networks of DALL·E Mini, one concept per file.
 
-Import them by full path, e.g. `from dalle_mini.models.vqgan import VQModel, VQGANConfig`.
+- `bart.py` and `dallebart.py`: DalleBart, the text → image-codes transformer, and its loader.
+- `vqgan.py` with `vqgan_layers.py`: the VQGAN that maps image codes ↔ pixels.
+- `clip.py`: the CLIP scorer that ranks candidate images.
+
+Import by full path, e.g. `from dalle_mini.models.vqgan import VQModel, VQGANConfig`.
 """

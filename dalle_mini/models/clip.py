@@ -16,6 +16,7 @@ the embedded CLIP); options that change the computation and are not implemented 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -42,6 +43,10 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self):
+        if self.width % self.head_width:
+            raise ValueError(f"vision width {self.width} is not a multiple of {self.head_width=}")
+
     @property
     def num_heads(self) -> int:
         return self.width // self.head_width
@@ -65,6 +70,10 @@ class TextConfig:
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ValueError(f"text width {self.width} is not a multiple of {self.heads=}")
+
     @property
     def num_heads(self) -> int:
         return self.heads
@@ -74,24 +83,26 @@ class TextConfig:
         return int(self.width * self.mlp_ratio)
 
 
-# open_clip options we accept only at the value that gives the architecture implemented here.
+# open_clip options accepted only at the value that gives the architecture implemented here,
+# and options with no effect on it at inference (patch dropout is off in eval, ...).
+# fmt: off
 _VISION_FIXED = {
     "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
     "pos_embed_type": "learnable", "final_ln_after_pool": False, "pool_type": "tok",
     "act_kwargs": None, "timm_model_name": None, "input_patchnorm": False,
     "global_average_pool": False, "in_chans": 3,
-}  # fmt: skip
+}
 _TEXT_FIXED = {
     "ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
     "final_ln_after_pool": False, "pool_type": "argmax", "proj_bias": False,
     "proj_type": "linear", "act_kwargs": None, "hf_model_name": None, "hf_tokenizer_name": None,
-}  # fmt: skip
-# Options with no effect on this architecture at inference (e.g. patch dropout is off in eval).
+}
 _VISION_IGNORED = {"patch_dropout", "output_tokens", "attn_pooler_queries", "attn_pooler_heads",
                    "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
-                   "timm_drop", "timm_drop_path"}  # fmt: skip
+                   "timm_drop", "timm_drop_path"}
 _TEXT_IGNORED = {"output_tokens", "pad_id", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type"}
-_TOP_IGNORED = {"cast_dtype", "nonscalar_logit_scale", "custom_text"}
+_TOP_IGNORED = {"cast_dtype", "nonscalar_logit_scale", "custom_text", "init_logit_scale"}
+# fmt: on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,19 +119,20 @@ class CLIPConfig:
     def from_open_clip(cls, model_cfg: Mapping[str, Any]) -> CLIPConfig:
         """Reads open_clip's `model_cfg` (the `open_clip_config.json` entry or a zoo json)."""
         model_cfg = dict(model_cfg)
-        vision = _tower(VisionConfig, model_cfg.pop("vision_cfg", {}), "vision_cfg",
-                        _VISION_FIXED, _VISION_IGNORED)  # fmt: skip
-        text = _tower(TextConfig, model_cfg.pop("text_cfg", {}), "text_cfg",
-                      _TEXT_FIXED, _TEXT_IGNORED)  # fmt: skip
+        vision_cfg, text_cfg = model_cfg.pop("vision_cfg", {}), model_cfg.pop("text_cfg", {})
+        vision = _tower(VisionConfig, vision_cfg, "vision_cfg", _VISION_FIXED, _VISION_IGNORED)
+        text = _tower(TextConfig, text_cfg, "text_cfg", _TEXT_FIXED, _TEXT_IGNORED)
         if model_cfg.pop("init_logit_bias", None) is not None:
             _refuse("init_logit_bias", "a SigLIP-style logit bias")
         if "multimodal_cfg" in model_cfg:
             _refuse("multimodal_cfg", "a CoCa captioning head")
-        fields = {"embed_dim": model_cfg.pop("embed_dim", 512),
-                  "use_quick_gelu": bool(model_cfg.pop("quick_gelu", False))}  # fmt: skip
+        fields = {
+            "embed_dim": model_cfg.pop("embed_dim", 512),
+            "use_quick_gelu": bool(model_cfg.pop("quick_gelu", False)),
+        }
         if model_cfg.get("init_logit_scale") is not None:
-            fields["init_logit_scale"] = float(model_cfg.pop("init_logit_scale"))
-        unknown = sorted(set(model_cfg) - _TOP_IGNORED - {"init_logit_scale"})
+            fields["init_logit_scale"] = float(model_cfg["init_logit_scale"])
+        unknown = sorted(set(model_cfg) - _TOP_IGNORED)
         if unknown:
             _refuse(unknown[0], "an option this implementation does not know")
         return cls(vision=vision, text=text, **fields)
@@ -207,16 +219,15 @@ class Attention(nn.Module):
         num_heads = self.tower.num_heads
         head_dim = width // num_heads
         proj_std = width**-0.5 * (2 * self.tower.layers) ** -0.5
-        qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=_normal(width**-0.5),
-                       name="in_proj")(x)  # fmt: skip
+        dense = functools.partial(nn.Dense, dtype=self.dtype)
+        qkv = dense(3 * width, kernel_init=_normal(width**-0.5), name="in_proj")(x)  # (B, T, 3W)
         q, k, v = (a.reshape(batch, length, num_heads, head_dim) for a in jnp.split(qkv, 3, -1))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)  # (B, H, T, T)
         if mask is not None:
             scores = jnp.where(mask, scores, -jnp.inf)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
         context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
-        return nn.Dense(width, dtype=self.dtype, kernel_init=_normal(proj_std),
-                        name="out_proj")(context)  # fmt: skip
+        return dense(width, kernel_init=_normal(proj_std), name="out_proj")(context)
 
 
 class Mlp(nn.Module):
@@ -228,10 +239,10 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         proj_std = width**-0.5 * (2 * self.tower.layers) ** -0.5
-        h = nn.Dense(self.tower.mlp_dim, dtype=self.dtype, kernel_init=_normal((2 * width) ** -0.5),
-                     name="c_fc")(x)  # fmt: skip
+        dense = functools.partial(nn.Dense, dtype=self.dtype)
+        h = dense(self.tower.mlp_dim, kernel_init=_normal((2 * width) ** -0.5), name="c_fc")(x)
         h = quick_gelu(h) if self.use_quick_gelu else nn.gelu(h, approximate=False)
-        return nn.Dense(width, dtype=self.dtype, kernel_init=_normal(proj_std), name="c_proj")(h)
+        return dense(width, kernel_init=_normal(proj_std), name="c_proj")(h)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -271,12 +282,17 @@ class VisionTransformer(nn.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         v = self.config.vision
         scale = v.width**-0.5
-        x = nn.Conv(v.width, (v.patch_size,) * 2, strides=(v.patch_size,) * 2, padding="VALID",
-                    use_bias=False, dtype=self.dtype, name="conv1")(pixels.astype(self.dtype))  # fmt: skip
+        patch = (v.patch_size, v.patch_size)
+        conv = nn.Conv(
+            v.width, patch, patch, "VALID", use_bias=False, dtype=self.dtype, name="conv1"
+        )
+        x = conv(pixels.astype(self.dtype))  # (B, g, g, W)
         batch = x.shape[0]
         x = x.reshape(batch, -1, v.width)  # (B, g*g, W), row-major grid
         cls = self.param("class_embedding", _normal(scale), (v.width,))
-        positions = self.param("positional_embedding", _normal(scale), (v.grid_size**2 + 1, v.width))
+        positions = self.param(
+            "positional_embedding", _normal(scale), (v.grid_size**2 + 1, v.width)
+        )
         cls = jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, v.width))
         x = jnp.concatenate([cls, x], axis=1) + positions.astype(x.dtype)  # (B, 1+g*g, W)
         x = _layer_norm(v, self.dtype, "ln_pre")(x)
@@ -296,8 +312,9 @@ class CLIP(nn.Module):
     def setup(self):
         c, t = self.config, self.config.text
         self.visual = VisionTransformer(c, self.dtype)
-        self.token_embedding = nn.Embed(t.vocab_size, t.width, embedding_init=_normal(0.02),
-                                        dtype=self.dtype)  # fmt: skip
+        self.token_embedding = nn.Embed(
+            t.vocab_size, t.width, embedding_init=_normal(0.02), dtype=self.dtype
+        )
         self.positional_embedding = self.param(
             "positional_embedding", _normal(0.01), (t.context_length, t.width)
         )
@@ -402,11 +419,13 @@ def params_from_state_dict(
             key = key[len(_TEXT_PREFIX) :]
         path, transform = _flax_path(key)
         value = np.asarray(value)
+        if jnp.issubdtype(value.dtype, jnp.floating):  # float16/bfloat16 files load as float32
+            value = value.astype(np.float32)
         if transform == "linear" and value.ndim == 2:
             value = value.T  # torch Linear (out, in) -> Dense (in, out)
         elif transform == "conv" and value.ndim == 4:
             value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        elif path == "logit_scale":
+        elif path == "logit_scale" and value.size == 1:
             value = value.reshape(())  # some checkpoints store shape (1,)
         flat[path] = value
     params = unflatten(flat)

@@ -57,7 +57,9 @@ def to_scanned(params: dict[str, Any]) -> dict[str, Any]:
         per_layer.setdefault(f"{stack}/FlaxBart{side}Layers/{rest}", {})[int(index)] = leaf
     for path, leaves in per_layer.items():
         if sorted(leaves) != list(range(len(leaves))):
-            raise CheckpointError(f"unscanned layers of {path} are not numbered 0..{len(leaves) - 1}")
+            raise CheckpointError(
+                f"unscanned layers of {path} are not numbered 0..{len(leaves) - 1}"
+            )
         scanned[path] = np.stack([leaves[i] for i in range(len(leaves))])
     return checkpoint.unflatten(scanned)
 
@@ -75,25 +77,34 @@ class DalleBart:
         self._forward = jax.jit(self._forward_fn)
         self._init_state = jax.jit(self._init_state_fn, static_argnames="use_uncond")
         self._run_steps = jax.jit(
-            self._run_steps_fn, static_argnames=("num_steps", "only_image_codes"),
+            self._run_steps_fn,
+            static_argnames=("num_steps", "only_image_codes"),
             donate_argnames="state",
-        )  # fmt: skip
+        )
 
     # -- loading and saving ---------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_folder: str | os.PathLike, revision: str | None = None,
-                        dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                        _do_init: bool = False, **ignored):  # fmt: skip
+    def from_pretrained(
+        cls,
+        name_or_folder: str | os.PathLike,
+        revision: str | None = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        _do_init: bool = False,
+        **ignored,
+    ):
         """Loads a checkpoint folder, hub repo id or "embedded".
 
         Returns `(model, params)` with `_do_init=False` (as the original), else the model with
         `model.params` set. float16 checkpoints load as `param_dtype` (float32 by default).
         """
         folder = resolve_folder(
-            name_or_folder, component="dallebart", required_files=cls.WEIGHTS_FILES,
+            name_or_folder,
+            component="dallebart",
+            required_files=cls.WEIGHTS_FILES,
             revision=revision,
-        )  # fmt: skip
+        )
         try:
             config = bart.DalleBartConfig.from_dict(checkpoint.read_json(folder / "config.json"))
         except ValueError as error:
@@ -123,7 +134,9 @@ class DalleBart:
     def _params(self, params):
         if params is None:
             if self.params is None:
-                raise ValueError("pass params=..., or load with from_pretrained(..., _do_init=True)")
+                raise ValueError(
+                    "pass params=..., or load with from_pretrained(..., _do_init=True)"
+                )
             return self.params
         return params
 
@@ -139,9 +152,10 @@ class DalleBart:
         )
         return logits, hidden
 
-    def __call__(self, input_ids, attention_mask, decoder_input_ids, params=None,
-                 **ignored) -> Seq2SeqOutput:  # fmt: skip
-        """Teacher-forced logits: `logits[:, t]` predicts the token after decoder_input_ids[:, t]."""
+    def __call__(
+        self, input_ids, attention_mask, decoder_input_ids, params=None, **ignored
+    ) -> Seq2SeqOutput:
+        """Teacher-forced logits; `logits[:, t]` predicts the token after input t."""
         logits, hidden = self._forward(
             self._params(params), input_ids, attention_mask, decoder_input_ids
         )
@@ -149,8 +163,9 @@ class DalleBart:
 
     # -- sampling -----------------------------------------------------------------------------
 
-    def _init_state_fn(self, params, ids, mask, uncond_ids, uncond_mask, row_keys, knobs,
-                       use_uncond):  # fmt: skip
+    def _init_state_fn(
+        self, params, ids, mask, uncond_ids, uncond_mask, row_keys, knobs, use_uncond
+    ):
         if not use_uncond:
             uncond_ids = uncond_mask = None
         return sampling.init_state(
@@ -158,11 +173,20 @@ class DalleBart:
         )
 
     def _run_steps_fn(self, params, state, num_steps, only_image_codes):
-        return sampling.run_steps(params, self.config, state, num_steps, only_image_codes, self.dtype)
+        return sampling.run_steps(
+            params, self.config, state, num_steps, only_image_codes, self.dtype
+        )
 
-    def start_sampling(self, input_ids, attention_mask, row_keys, knobs: sampling.Knobs,
-                       input_ids_uncond=None, attention_mask_uncond=None,
-                       params=None) -> sampling.SamplerState:  # fmt: skip
+    def start_sampling(
+        self,
+        input_ids,
+        attention_mask,
+        row_keys,
+        knobs: sampling.Knobs,
+        input_ids_uncond=None,
+        attention_mask_uncond=None,
+        params=None,
+    ) -> sampling.SamplerState:
         """The sampler's first state. Unconditional rows run only where some scale is not 1."""
         use_uncond = bool(np.any(np.asarray(knobs.condition_scale) != 1.0))
         if use_uncond and input_ids_uncond is None:
@@ -170,10 +194,15 @@ class DalleBart:
         if not use_uncond:
             input_ids_uncond, attention_mask_uncond = input_ids, attention_mask  # unused
         return self._init_state(
-            self._params(params), jnp.asarray(input_ids), jnp.asarray(attention_mask),
-            jnp.asarray(input_ids_uncond), jnp.asarray(attention_mask_uncond),
-            row_keys, knobs, use_uncond=use_uncond,
-        )  # fmt: skip
+            self._params(params),
+            jnp.asarray(input_ids),
+            jnp.asarray(attention_mask),
+            jnp.asarray(input_ids_uncond),
+            jnp.asarray(attention_mask_uncond),
+            row_keys,
+            knobs,
+            use_uncond=use_uncond,
+        )
 
     def continue_sampling(self, state, num_steps=None, only_image_codes=True, params=None):
         """Advances the sampler by `num_steps` codes (all remaining by default)."""
@@ -186,10 +215,22 @@ class DalleBart:
         ids[:, 0], ids[:, 1] = 0, 2
         return ids, (ids != 1).astype(np.int32)
 
-    def generate(self, input_ids, attention_mask, input_ids_uncond=None, attention_mask_uncond=None,
-                 prng_key=None, params=None, top_k=None, top_p=None, temperature=None,
-                 condition_scale=1.0, only_image_codes=True, image_indices=None,
-                 **ignored) -> GenerateOutput:  # fmt: skip
+    def generate(
+        self,
+        input_ids,
+        attention_mask,
+        input_ids_uncond=None,
+        attention_mask_uncond=None,
+        prng_key=None,
+        params=None,
+        top_k=None,
+        top_p=None,
+        temperature=None,
+        condition_scale=1.0,
+        only_image_codes=True,
+        image_indices=None,
+        **ignored,
+    ) -> GenerateOutput:
         """Samples `image_length` codes for each prompt row.
 
         Args:
@@ -204,19 +245,25 @@ class DalleBart:
         """
         batch = len(input_ids)
         knobs = sampling.Knobs.broadcast(
-            batch, condition_scale=condition_scale,
+            batch,
+            condition_scale=condition_scale,
             temperature=1.0 if temperature is None else temperature,
             top_k=self.config.top_k if top_k is None else top_k,
             top_p=1.0 if top_p is None else top_p,
-        )  # fmt: skip
+        )
         validate_knobs(knobs)
         prng_key = jax.random.PRNGKey(0) if prng_key is None else prng_key
         indices = jnp.arange(batch) if image_indices is None else jnp.asarray(image_indices)
         row_keys = sampling.row_keys_for(prng_key, indices)
         state = self.start_sampling(
-            input_ids, attention_mask, row_keys, knobs, input_ids_uncond, attention_mask_uncond,
+            input_ids,
+            attention_mask,
+            row_keys,
+            knobs,
+            input_ids_uncond,
+            attention_mask_uncond,
             params,
-        )  # fmt: skip
+        )
         state = self.continue_sampling(state, only_image_codes=only_image_codes, params=params)
         return GenerateOutput(sequences=state.sequences)
 

@@ -17,6 +17,7 @@ trained that way). Codes are int32, flattened row-major: `codes[b, i * w + j]`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -215,12 +216,21 @@ class VQGANModule(nn.Module):
         )
 
 
+@functools.cache
+def _jitted(config: VQGANConfig, dtype: Any, method: str):
+    """One jitted `VQGANModule` method per (config, dtype): models loaded twice share the
+    compiled code instead of compiling again."""
+    module = VQGANModule(config, dtype=dtype)
+    method_fn = getattr(VQGANModule, method)
+    return jax.jit(lambda params, x: module.apply({"params": params}, x, method=method_fn))
+
+
 class VQModel:
     """Loads, runs and saves a VQGAN; the API of vqgan-jax's `VQModel`.
 
     Parameters are an explicit tree passed to every call (`params=`), float32 whatever `dtype`
     (the compute dtype: jnp.float32 or jnp.bfloat16). `encode`, `decode` and `decode_code` are
-    jit-compiled once per instance and input shape.
+    jit-compiled once per (config, dtype, input shape), shared by every instance.
     """
 
     def __init__(self, config: VQGANConfig, dtype: Any = jnp.float32):
@@ -228,12 +238,9 @@ class VQModel:
         self.dtype = dtype
         self.module = VQGANModule(config, dtype=dtype)
         self.params = None  # set only by from_pretrained(..., _do_init=True), as in the original
-        self._encode = self._jit(VQGANModule.encode)
-        self._decode = self._jit(VQGANModule.decode)
-        self._decode_code = self._jit(VQGANModule.decode_code)
-
-    def _jit(self, method):
-        return jax.jit(lambda params, x: self.module.apply({"params": params}, x, method=method))
+        self._encode = _jitted(config, dtype, "encode")
+        self._decode = _jitted(config, dtype, "decode")
+        self._decode_code = _jitted(config, dtype, "decode_code")
 
     @property
     def num_codes_per_image(self) -> int:
@@ -244,13 +251,22 @@ class VQModel:
         return jnp.zeros((1, size, size, self.config.in_channels), jnp.float32)
 
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
-        """Fresh random float32 weights (taming's initialisers) for training."""
+        """Fresh random float32 weights (flax's default initialisers, taming's codebook init)."""
         init = jax.jit(lambda key, x: self.module.init(key, x)["params"])
-        return init(rng, self._dummy_images())
+        lowered = init.lower(rng, self._dummy_images())
+        # On CPU, LLVM spends most of init's compile time optimising one threefry kernel per
+        # parameter (about a minute for f16_16384 on 2 cores); the program runs once, so
+        # compile it unoptimised: it then takes about half as long in all.
+        options = (
+            {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+            if jax.default_backend() == "cpu"
+            else {}
+        )
+        return lowered.compile(compiler_options=options)(rng, self._dummy_images())
 
     def abstract_params(self) -> dict[str, Any]:
         """The parameter tree this config implies, as `jax.ShapeDtypeStruct`s (no allocation)."""
-        init = lambda key, x: self.module.init(key, x)["params"]  # noqa: E731
+        init = lambda key, x: self.module.init(key, x)["params"]
         return jax.eval_shape(init, jax.random.PRNGKey(0), self._dummy_images())
 
     @classmethod
@@ -349,13 +365,11 @@ class VQModel:
         channels, factor = self.config.in_channels, self.config.downsample_factor
         if images.ndim != 4 or images.shape[-1] != channels:
             raise ValueError(
-                f"images must be NHWC (batch, height, width, {channels}); got shape "
-                f"{images.shape}"
+                f"images must be NHWC (batch, height, width, {channels}); got shape {images.shape}"
             )
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(
-                f"images must be floats in [0, 1]; got {images.dtype} (divide uint8 images "
-                "by 255)"
+                f"images must be floats in [0, 1]; got {images.dtype} (divide uint8 images by 255)"
             )
         if images.shape[1] % factor or images.shape[2] % factor:
             raise ValueError(

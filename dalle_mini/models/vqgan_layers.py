@@ -134,8 +134,8 @@ class ResolutionLevel(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i in range(self.num_blocks):
-            block = ResnetBlock(self.out_channels, self.config.dropout, self.dtype, name=f"block_{i}")
-            x = block(x, train)
+            name = f"block_{i}"
+            x = ResnetBlock(self.out_channels, self.config.dropout, self.dtype, name=name)(x, train)
             if self.use_attention:
                 x = AttnBlock(self.dtype, name=f"attn_{i}")(x)
         if self.resample == "down":
@@ -146,7 +146,8 @@ class ResolutionLevel(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """ResnetBlock → AttnBlock → ResnetBlock at the lowest resolution (`block_1, attn_1, block_2`)."""
+    """ResnetBlock → AttnBlock → ResnetBlock at the lowest resolution
+    (`block_1`, `attn_1`, `block_2`)."""
 
     config: VQGANConfig
     dtype: Dtype = jnp.float32

@@ -1,1 +1,1 @@
-"""Training: the synthetic scene world the embedded models learn from, its checker, and the trainers."""
+"""Training: the synthetic scene world the embedded models learn from, its checker, the trainers."""

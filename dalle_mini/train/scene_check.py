@@ -1,11 +1,14 @@
 """The scene checker: judges an image against what its caption asked for, attribute by attribute.
 
 The evaluation scores generated images with it, so it reads an image the way a person would and
-tolerates blur, noise and colour banding: the background is the dominant colour of the border;
-objects are the connected regions that differ from it (specks ignored); an object's colour is the
-median colour of its core; its kind is the world shape that, drawn at the object's measured area
-and centroid, overlaps its soft coverage best; its size and grid cell follow from that fit.
-Colours snap to the nearest colour of `world.COLORS`, positions to the 3×3 grid.
+tolerates blur, noise and colour banding (measured on `degrade`d renders):
+1. background: the palette colour most pixels of the border are nearest to;
+2. objects: connected regions of the 3×3-smoothed image far from the background, specks
+   dropped, regions joined by a blurred rim split at their cores;
+3. colour: the palette colour the object's core pixels are blends of with the background;
+4. kind: the world shape that, drawn at the object's measured area and centroid and blurred by
+   the best of a few radii, fits its soft coverage with the least squared error; the fitted
+   radius gives the size, the coverage centroid the grid cell.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ FOREGROUND_DISTANCE = 40.0
 # small enough that a blurred red reads red, large enough that gray does not read black.
 BLEND_SHORTFALL_WEIGHT = 0.25
 MIN_OBJECT_AREA = 0.002  # fraction of the image; smaller regions are specks
-MAX_MATCHED_OBJECTS = 8  # only the largest regions are matched against the request
+MAX_READ_OBJECTS = 8  # only the largest regions are read and matched against the request
 # Radius (fraction of the image side) between small / medium and medium / big.
 SIZE_BOUNDS = (
     (SIZE_RADIUS["small"] + SIZE_RADIUS["medium"]) / 2,
@@ -64,10 +67,15 @@ class FoundObject:
 
 @dataclass(frozen=True)
 class Reading:
-    """What an image shows: its background colour and its objects, largest first."""
+    """What an image shows: its background colour and its objects, largest first.
+
+    `object_count` counts every region bigger than a speck; only the MAX_READ_OBJECTS largest
+    are read into `objects`.
+    """
 
     background: str
     objects: tuple[FoundObject, ...]
+    object_count: int
 
 
 def to_pixels(image) -> np.ndarray:
@@ -76,7 +84,9 @@ def to_pixels(image) -> np.ndarray:
         image = np.asarray(image.convert("RGB"))
     pixels = np.asarray(image)
     if pixels.ndim != 3 or pixels.shape[-1] != 3 or min(pixels.shape[:2]) < 8:
-        raise ValueError(f"expected an RGB image (H, W, 3) with H, W >= 8, got shape {pixels.shape}")
+        raise ValueError(
+            f"expected an RGB image (H, W, 3) with H, W >= 8, got shape {pixels.shape}"
+        )
     if np.issubdtype(pixels.dtype, np.floating):
         return np.clip(pixels, 0.0, 1.0).astype(np.float32) * 255.0
     return pixels.astype(np.float32)
@@ -116,7 +126,7 @@ def _blended_color(core: np.ndarray, background_rgb: np.ndarray, background: str
     """
     offsets = core - background_rgb  # (N, 3)
     best_score, best_name = np.inf, _COLOR_NAMES[0]
-    for name, rgb in zip(_COLOR_NAMES, _PALETTE):
+    for name, rgb in zip(_COLOR_NAMES, _PALETTE, strict=True):
         if name == background:
             continue
         direction = rgb - background_rgb
@@ -134,7 +144,9 @@ def _blended_color(core: np.ndarray, background_rgb: np.ndarray, background: str
 TEMPLATE_BLURS = (0.0, 0.7, 1.2, 1.8)
 
 
-def _template(kind: str, center: tuple[float, float], radius: float, shape: tuple[int, int]) -> np.ndarray:
+def _template(
+    kind: str, center: tuple[float, float], radius: float, shape: tuple[int, int]
+) -> np.ndarray:
     """Coverage (H, W) in [0, 1] of `kind` drawn at `center`/`radius` (pixels)."""
     canvas = Image.new("L", (shape[1] * SUPERSAMPLE, shape[0] * SUPERSAMPLE), 0)
     scaled_center = (center[0] * SUPERSAMPLE, center[1] * SUPERSAMPLE)
@@ -142,7 +154,9 @@ def _template(kind: str, center: tuple[float, float], radius: float, shape: tupl
     return np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32) / 255.0
 
 
-def _classify_shape(coverage: np.ndarray, center: tuple[float, float], area: float) -> tuple[str, float]:
+def _classify_shape(
+    coverage: np.ndarray, center: tuple[float, float], area: float
+) -> tuple[str, float]:
     """The kind whose template, at the object's area and centroid and at the best of
     TEMPLATE_BLURS, fits `coverage` with the least squared error; and its radius (pixels)."""
     best = (np.inf, KINDS[0], 0.0)
@@ -168,7 +182,9 @@ class _Frame:
     background_rgb: np.ndarray  # (3,)
 
 
-def _separate_touching(labels: np.ndarray, count: int, distance: np.ndarray) -> tuple[np.ndarray, int]:
+def _separate_touching(
+    labels: np.ndarray, count: int, distance: np.ndarray
+) -> tuple[np.ndarray, int]:
     """Splits regions holding several objects joined by blurred rims: the pixels above half a
     region's peak distance form one core per object, and each pixel goes to the nearest core."""
     min_area = MIN_OBJECT_AREA * labels.size
@@ -178,7 +194,9 @@ def _separate_touching(labels: np.ndarray, count: int, distance: np.ndarray) -> 
         region = labels == label
         cores = np.zeros_like(labels)
         if areas[label] >= 2 * min_area:
-            cores, _ = ndimage.label(region & (distance > 0.5 * distance[region].max()), structure=np.ones((3, 3)))
+            cores, _ = ndimage.label(
+                region & (distance > 0.5 * distance[region].max()), structure=np.ones((3, 3))
+            )
         core_labels = np.flatnonzero(np.bincount(cores.ravel())[1:] >= min_area) + 1
         if len(core_labels) < 2:
             separated[region], next_label = next_label, next_label + 1
@@ -203,7 +221,9 @@ def _read_object(frame: _Frame, label: int) -> FoundObject:
     full = float(np.linalg.norm(_PALETTE[_COLOR_NAMES.index(color)] - frame.background_rgb))
     full = max(full, 2 * FOREGROUND_DISTANCE)
     near = ndimage.binary_dilation(region_mask, iterations=2) & ((frame.labels == 0) | region_mask)
-    coverage = np.clip((frame.raw_distance - frame.noise_floor) / (full - frame.noise_floor), 0.0, 1.0)
+    coverage = np.clip(
+        (frame.raw_distance - frame.noise_floor) / (full - frame.noise_floor), 0.0, 1.0
+    )
     coverage = coverage * near  # (H, W)
     area = float(coverage.sum())
     rows, columns = np.nonzero(near)
@@ -213,12 +233,18 @@ def _read_object(frame: _Frame, label: int) -> FoundObject:
     center = (float((crop * xs).sum() / area), float((crop * ys).sum() / area))
     kind, radius = _classify_shape(crop, center, area)
     relative_radius = radius / width
-    size = "small" if relative_radius < SIZE_BOUNDS[0] else "medium" if relative_radius < SIZE_BOUNDS[1] else "big"
+    size = (
+        "small"
+        if relative_radius < SIZE_BOUNDS[0]
+        else "medium"
+        if relative_radius < SIZE_BOUNDS[1]
+        else "big"
+    )
     return FoundObject(
         color=color,
         kind=kind,
         size=size,
-        center=((center[0] + left) / width, (center[1] + top) / height),
+        center=(float(center[0] + left) / width, float(center[1] + top) / height),
         radius=relative_radius,
         area=area / (height * width),
     )
@@ -238,29 +264,41 @@ def read_image(image) -> Reading:
     noise_floor = float(np.median(raw_distance[labels == 0])) if (labels == 0).any() else 0.0
     frame = _Frame(raw, distance, raw_distance, noise_floor, labels, background, background_rgb)
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    keep = [label + 1 for label in np.argsort(-areas, kind="stable") if areas[label] >= MIN_OBJECT_AREA * labels.size]
-    return Reading(background, tuple(_read_object(frame, label) for label in keep))
+    keep = [
+        label + 1
+        for label in np.argsort(-areas, kind="stable")
+        if areas[label] >= MIN_OBJECT_AREA * labels.size
+    ]
+    objects = tuple(_read_object(frame, label) for label in keep[:MAX_READ_OBJECTS])
+    return Reading(background, objects, len(keep))
 
 
 def _agreement(expected: SceneObject, found: FoundObject | None) -> int:
     if found is None:
         return 0
     position = expected.position is not None and position_at(*found.center) == expected.position
-    return (found.color == expected.color) + (found.kind == expected.kind) + (found.size == expected.size) + position
-
-
-def _match(expected: tuple[SceneObject, ...], found: tuple[FoundObject, ...]) -> list[FoundObject | None]:
-    """The found object (or None) for each expected one, agreeing best overall."""
-    candidates = list(found[:MAX_MATCHED_OBJECTS]) + [None] * len(expected)
-    best = max(
-        itertools.permutations(candidates, len(expected)),
-        key=lambda chosen: sum(_agreement(want, got) for want, got in zip(expected, chosen)),
+    return (
+        (found.color == expected.color)
+        + (found.kind == expected.kind)
+        + (found.size == expected.size)
+        + position
     )
-    return list(best)
+
+
+def _match(
+    expected: tuple[SceneObject, ...], found: tuple[FoundObject, ...]
+) -> list[FoundObject | None]:
+    """The found object (or None) for each expected one, agreeing best overall."""
+    candidates = list(found) + [None] * len(expected)
+
+    def total_agreement(chosen) -> int:
+        return sum(_agreement(want, got) for want, got in zip(expected, chosen, strict=True))
+
+    return list(max(itertools.permutations(candidates, len(expected)), key=total_agreement))
 
 
 def check_image(image, expected: Scene) -> dict[str, bool | None]:
-    """Per-attribute verdicts of `image` against the request `expected` (e.g. parse_caption(prompt)).
+    """Per-attribute verdicts of `image` against the request `expected`, e.g. parse_caption(prompt).
 
     Returns {attribute: bool or None} for ATTRIBUTES; None marks an attribute the request leaves
     open (no position named, no relation). Colour, kind, size and position hold only when every
@@ -268,7 +306,7 @@ def check_image(image, expected: Scene) -> dict[str, bool | None]:
     """
     validate_scene(expected)
     reading = read_image(image)
-    matched = list(zip(expected.objects, _match(expected.objects, reading.objects)))
+    matched = list(zip(expected.objects, _match(expected.objects, reading.objects), strict=True))
 
     def all_hold(test, pairs=matched) -> bool:
         return all(got is not None and test(want, got) for want, got in pairs)
@@ -276,19 +314,23 @@ def check_image(image, expected: Scene) -> dict[str, bool | None]:
     positioned = [(want, got) for want, got in matched if want.position is not None]
     verdict = {
         "background": reading.background == expected.background,
-        "count": len(reading.objects) == len(expected.objects),
+        "count": reading.object_count == len(expected.objects),
         "color": all_hold(lambda want, got: got.color == want.color),
         "kind": all_hold(lambda want, got: got.kind == want.kind),
         "size": all_hold(lambda want, got: got.size == want.size),
-        "position": all_hold(lambda want, got: position_at(*got.center) == want.position, positioned)
+        "position": all_hold(
+            lambda want, got: position_at(*got.center) == want.position, positioned
+        )
         if positioned
         else None,
         "relation": None,
     }
     if expected.relation is not None:
         first, second = (got for _, got in matched)
-        verdict["relation"] = (
-            first is not None and second is not None and relation_holds(expected.relation, first.center, second.center)
+        verdict["relation"] = bool(
+            first is not None
+            and second is not None
+            and relation_holds(expected.relation, first.center, second.center)
         )
     return verdict
 
@@ -303,11 +345,18 @@ def summarize(verdicts: Iterable[dict[str, bool | None]]) -> dict[str, float | N
     return summary
 
 
-def degrade(image: Image.Image, rng: np.random.Generator, blur: float = 1.0, noise: float = 8.0,
-            levels: int = 8) -> Image.Image:  # fmt: skip
+def degrade(
+    image: Image.Image,
+    rng: np.random.Generator,
+    blur: float = 1.0,
+    noise: float = 8.0,
+    levels: int = 8,
+) -> Image.Image:
     """Gaussian blur (radius in pixels), Gaussian noise (std in 0..255) and `levels` levels per
     channel: roughly what a small VQGAN's reconstruction does to a world image."""
-    pixels = np.asarray(image.convert("RGB").filter(ImageFilter.GaussianBlur(blur)), dtype=np.float32)
+    pixels = np.asarray(
+        image.convert("RGB").filter(ImageFilter.GaussianBlur(blur)), dtype=np.float32
+    )
     pixels = np.clip(pixels + rng.normal(0.0, noise, pixels.shape), 0, 255)
     step = 255 / (levels - 1)
     return Image.fromarray((np.round(pixels / step) * step).astype(np.uint8))

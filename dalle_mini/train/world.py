@@ -97,7 +97,9 @@ class Scene:
 
 def _check_choice(value, choices, what: str) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(map(str, choices))}")
+        raise ValueError(
+            f"unknown {what} {value!r}; expected one of {', '.join(map(str, choices))}"
+        )
 
 
 def validate_scene(scene: Scene) -> None:
@@ -112,7 +114,9 @@ def validate_scene(scene: Scene) -> None:
         if obj.position is not None:
             _check_choice(obj.position, POSITIONS, "position")
         if obj.color == scene.background:
-            raise ValueError(f"a {obj.color} {obj.kind} would be invisible on a {obj.color} background")
+            raise ValueError(
+                f"a {obj.color} {obj.kind} would be invisible on a {obj.color} background"
+            )
     if scene.relation is not None:
         _check_choice(scene.relation, RELATIONS, "relation")
         if len(scene.objects) != 2:
@@ -144,7 +148,7 @@ def relation_holds(relation: str, first: tuple[float, float], second: tuple[floa
 
 
 def _cells_fit(scene: Scene, cells: tuple[int, ...]) -> bool:
-    for obj, cell in zip(scene.objects, cells):
+    for obj, cell in zip(scene.objects, cells, strict=True):
         if obj.position is not None and POSITIONS[cell] != obj.position:
             return False
     if scene.relation is None:
@@ -160,7 +164,7 @@ def _cells_fit(scene: Scene, cells: tuple[int, ...]) -> bool:
 
 
 def _centrality(cells: tuple[int, ...]) -> tuple:
-    rows, columns = zip(*(divmod(cell, 3) for cell in cells))
+    rows, columns = zip(*(divmod(cell, 3) for cell in cells), strict=True)
     off_center = abs(sum(rows) / len(rows) - 1) + abs(sum(columns) / len(columns) - 1)
     return off_center, max(rows) - min(rows), min(columns) - max(columns), cells
 
@@ -177,10 +181,12 @@ def place(scene: Scene, rng: random.Random | None = None) -> tuple[tuple[float, 
         if _cells_fit(scene, cells)
     ]
     if not options:
-        raise ValueError(f"no layout satisfies {scene}: two objects share a cell or contradict the relation")
+        raise ValueError(
+            f"no layout satisfies {scene}: two objects share a cell or contradict the relation"
+        )
     cells = rng.choice(options) if rng is not None else min(options, key=_centrality)
     centres = []
-    for obj, cell in zip(scene.objects, cells):
+    for obj, cell in zip(scene.objects, cells, strict=True):
         x, y = cell_center(POSITIONS[cell])
         if rng is not None:
             slack = MAX_EXTENT - SIZE_RADIUS[obj.size]
@@ -216,7 +222,9 @@ def _polygon_area_centroid(points: np.ndarray) -> tuple[float, np.ndarray]:
     x, y = points[:, 0], points[:, 1]
     cross = x * np.roll(y, -1) - np.roll(x, -1) * y
     area = cross.sum() / 2
-    centroid = np.array([((x + np.roll(x, -1)) * cross).sum(), ((y + np.roll(y, -1)) * cross).sum()])
+    centroid = np.array(
+        [((x + np.roll(x, -1)) * cross).sum(), ((y + np.roll(y, -1)) * cross).sum()]
+    )
     return abs(area), centroid / (6 * area)
 
 
@@ -240,7 +248,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, center, radius: float, fill
 
 def check_image_size(size: int) -> None:
     if not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"image size must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size!r}")
+        raise ValueError(
+            f"image size must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size!r}"
+        )
 
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
@@ -251,7 +261,7 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     canvas_size = size * SUPERSAMPLE
     image = Image.new("RGB", (canvas_size, canvas_size), COLORS[scene.background])
     draw = ImageDraw.Draw(image)
-    for obj, (x, y) in zip(scene.objects, layout):
+    for obj, (x, y) in zip(scene.objects, layout, strict=True):
         radius = SIZE_RADIUS[obj.size] * canvas_size
         draw_shape(draw, obj.kind, (x * canvas_size, y * canvas_size), radius, COLORS[obj.color])
     return image.reduce(SUPERSAMPLE)
@@ -296,7 +306,9 @@ def _sample_pair(rng: random.Random, background: str, split: str) -> Scene:
         return Scene((first, second), background, rng.choice(RELATIONS))
     if mode == "positions":
         cell_a, cell_b = rng.sample(POSITIONS, 2)
-        first, second = (dataclasses.replace(o, position=p) for o, p in ((first, cell_a), (second, cell_b)))
+        first, second = (
+            dataclasses.replace(o, position=p) for o, p in ((first, cell_a), (second, cell_b))
+        )
     return Scene((first, second), background)
 
 
@@ -316,12 +328,26 @@ def sample_scene(rng: random.Random, split: str = "train") -> Scene:
 
 # --- captions -------------------------------------------------------------------------------
 
-_PREFIXES = ("", "", "", "a drawing of ", "an image of ", "a picture of ", "an illustration of ",
-             "a simple drawing of ")  # fmt: skip
+# The empty prefix thrice: most captions start with the object.
+_PREFIXES = (
+    "",
+    "",
+    "",
+    "a drawing of ",
+    "an image of ",
+    "a picture of ",
+    "an illustration of ",
+    "a simple drawing of ",
+)
 _ARTICLES = ("a ", "one ", "")
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "medium": ("",), "big": ("big", "large")}
 _COLOR_WORDS = {"gray": ("gray", "grey")}
-_CORNER_PHRASES = ("at the {v} {h}", "in the {v} {h}", "in the {v} {h} corner", "in the {w} {h} corner")
+_CORNER_PHRASES = (
+    "at the {v} {h}",
+    "in the {v} {h}",
+    "in the {v} {h} corner",
+    "in the {w} {h} corner",
+)
 _EDGE_PHRASES = {
     "vertical": ("at the {v}", "at the {v} of the image", "near the {v}"),
     "horizontal": ("on the {h}", "at the {h}", "on the {h} side"),
@@ -333,8 +359,12 @@ _RELATION_PHRASES = {
     "above": ("above", "over"),
     "below": ("below", "under", "beneath"),
 }
-_BACKGROUND_PHRASES = ("on a {} background", "with a {} background", "against a {} background",
-                       "on a plain {} background")  # fmt: skip
+_BACKGROUND_PHRASES = (
+    "on a {} background",
+    "with a {} background",
+    "against a {} background",
+    "on a plain {} background",
+)
 
 
 def _color_word(color: str, rng: random.Random) -> str:
@@ -342,7 +372,11 @@ def _color_word(color: str, rng: random.Random) -> str:
 
 
 def _noun_phrase(obj: SceneObject, rng: random.Random, plural: bool = False) -> str:
-    words = [rng.choice(_SIZE_WORDS[obj.size]), _color_word(obj.color, rng), obj.kind + "s" * plural]
+    words = [
+        rng.choice(_SIZE_WORDS[obj.size]),
+        _color_word(obj.color, rng),
+        obj.kind + "s" * plural,
+    ]
     if rng.random() < 0.1:
         words.append("shapes" if plural else "shape")
     return " ".join(word for word in words if word)
@@ -364,11 +398,13 @@ def _position_phrase(position: str | None, rng: random.Random) -> str:
 
 def _objects_phrase(scene: Scene, rng: random.Random) -> str:
     first = scene.objects[0]
-    if len(scene.objects) == 2 and first == scene.objects[1] and scene.relation is None:
-        if first.position is None:
-            return "two " + _noun_phrase(first, rng, plural=True)
+    is_repeated = len(scene.objects) == 2 and first == scene.objects[1]
+    if is_repeated and scene.relation is None and first.position is None:
+        return "two " + _noun_phrase(first, rng, plural=True)
     phrases = [
-        rng.choices(_ARTICLES, weights=(8, 1, 1))[0] + _noun_phrase(obj, rng) + _position_phrase(obj.position, rng)
+        rng.choices(_ARTICLES, weights=(8, 1, 1))[0]
+        + _noun_phrase(obj, rng)
+        + _position_phrase(obj.position, rng)
         for obj in scene.objects
     ]
     if scene.relation is not None:
@@ -430,8 +466,11 @@ def _mentioned_object(words: list[str], index: int, text: str) -> tuple[SceneObj
     """The object whose kind is words[index], and how many of it the caption asks for."""
     color = words[index - 1] if index > 0 else None
     if color not in COLORS:
-        raise ValueError(f"caption {text!r} names a {_singular(words[index])} without a colour "
-                         f"({', '.join(COLORS)}) right before it")  # fmt: skip
+        kind = _singular(words[index])
+        raise ValueError(
+            f"caption {text!r} names a {kind} without a colour ({', '.join(COLORS)}) "
+            "right before it"
+        )
     size = words[index - 2] if index > 1 and words[index - 2] in SIZES else "medium"
     is_plural = _singular(words[index]) != words[index] or "two" in words[max(index - 3, 0) : index]
     return SceneObject(color, _singular(words[index]), size), 2 if is_plural else 1
@@ -453,7 +492,9 @@ def parse_caption(text: str) -> Scene:
             break
     mentions = [index for index, word in enumerate(words) if _singular(word) in KINDS]
     if not mentions:
-        raise ValueError(f"caption {text!r} names no shape; expected a colour and one of {', '.join(KINDS)}")
+        raise ValueError(
+            f"caption {text!r} names no shape; expected a colour and one of {', '.join(KINDS)}"
+        )
     objects, relation = [], None
     for number, index in enumerate(mentions):
         obj, count = _mentioned_object(words, index, text)
@@ -465,7 +506,9 @@ def parse_caption(text: str) -> Scene:
         position = _position_in(tail) if count == 1 else None
         objects += [dataclasses.replace(obj, position=position)] * count
     if len(objects) > 2:
-        raise ValueError(f"caption {text!r} asks for {len(objects)} objects; the world draws one or two")
+        raise ValueError(
+            f"caption {text!r} asks for {len(objects)} objects; the world draws one or two"
+        )
     scene = Scene(tuple(objects), background, relation)
     validate_scene(scene)
     return scene
@@ -493,8 +536,9 @@ def example(seed: int, split: str, index: int, size: int = 64) -> tuple[np.ndarr
     return np.asarray(render(scene, size)), text, scene
 
 
-def write_dataset(out_dir, num_train: int, num_valid: int, num_heldout: int, size: int = 64,
-                  seed: int = 0) -> dict[str, Path]:  # fmt: skip
+def write_dataset(
+    out_dir, num_train: int, num_valid: int, num_heldout: int, size: int = 64, seed: int = 0
+) -> dict[str, Path]:
     """Writes each split to out_dir/<split>/: images.npz (`images` (N, size, size, 3) uint8 and
     `captions`) and scenes.jsonl (index, caption, scene per line); plus out_dir/world.json.
 
@@ -516,8 +560,13 @@ def write_dataset(out_dir, num_train: int, num_valid: int, num_heldout: int, siz
             for index in tqdm(range(count), desc=f"world {split}", unit="img"):
                 images[index], text, scene = example(seed, split, index, size)
                 captions.append(text)
-                lines.write(json.dumps({"index": index, "caption": text, "scene": scene_to_dict(scene)}) + "\n")
-        np.savez_compressed(folder / "images.npz", images=images, captions=np.array(captions, dtype=str))
+                lines.write(
+                    json.dumps({"index": index, "caption": text, "scene": scene_to_dict(scene)})
+                    + "\n"
+                )
+        np.savez_compressed(
+            folder / "images.npz", images=images, captions=np.array(captions, dtype=str)
+        )
     info = {"size": size, "seed": seed, "counts": counts, "held_out_pairs": sorted(HELD_OUT_PAIRS)}
     (out_dir / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     return folders
@@ -528,8 +577,8 @@ def load_split(out_dir, split: str) -> tuple[np.ndarray, list[str], list[Scene]]
     _check_split(split)
     folder = Path(out_dir) / split
     if not (folder / "images.npz").is_file() or not (folder / "scenes.jsonl").is_file():
-        raise FileNotFoundError(f"no {split} split in {out_dir}: write one with "
-                                f"`python -m dalle_mini.train.world --out {out_dir}`")  # fmt: skip
+        command = f"python -m dalle_mini.train.world --out {out_dir}"
+        raise FileNotFoundError(f"no {split} split in {out_dir}: write one with `{command}`")
     with np.load(folder / "images.npz") as arrays:
         images, captions = arrays["images"], [str(text) for text in arrays["captions"]]
     with open(folder / "scenes.jsonl") as lines:
@@ -539,16 +588,22 @@ def load_split(out_dir, split: str) -> tuple[np.ndarray, list[str], list[Scene]]
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: write the world dataset."""
-    parser = argparse.ArgumentParser(prog="python -m dalle_mini.train.world", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dalle_mini.train.world", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", required=True, help="folder to write the splits into")
     parser.add_argument("--num-train", type=int, default=20000)
     parser.add_argument("--num-valid", type=int, default=1000)
     parser.add_argument("--num-heldout", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=64, help=f"image side, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
+    parser.add_argument(
+        "--size", type=int, default=64, help=f"image side, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        folders = write_dataset(args.out, args.num_train, args.num_valid, args.num_heldout, args.size, args.seed)
+        folders = write_dataset(
+            args.out, args.num_train, args.num_valid, args.num_heldout, args.size, args.seed
+        )
     except ValueError as error:
         parser.error(str(error))
     for split, folder in folders.items():

@@ -1,0 +1,295 @@
+"""`dalle-mini-train`: the training pipeline of the embedded models, one sub-command per stage.
+
+    dalle-mini-train all --workdir runs/embedded --out dalle_mini/assets/embedded
+    dalle-mini-train world|vqgan|encode|dallebart|clip|evaluate --workdir runs/embedded
+
+Stages read and write fixed places under `--workdir`: `world/` (the dataset), `vqgan/`,
+`encoded/{train,valid,heldout}.parquet` (caption + encoding rows, the original training format),
+`dallebart/`, `clip/` (each holding its resumable `train_state.msgpack`, `metrics.jsonl` and the
+finished model in `model/`) and `eval/` (report.json, report.md, sample grids). A re-run stage
+resumes from its checkpoint (a finished one only reloads it and saves the model again).
+`all` runs the six stages, then (with `--out`) assembles the three models in a temporary folder
+and moves it into place, so an interrupted run never leaves half-written assets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dalle_mini.train import common, world
+from dalle_mini.train import evaluate as evaluation
+from dalle_mini.train import train_clip, train_dallebart, train_vqgan
+from dalle_mini.train.data import read_encoded, write_encoded
+
+STAGES = ("world", "vqgan", "encode", "dallebart", "clip", "evaluate")
+TIMINGS_NAME = "timings.json"
+
+
+def _model_dir(args, stage: str) -> Path:
+    return Path(args.workdir) / stage / "model"
+
+
+def _optimizer(args, learning_rate: float, warmup: int, **overrides) -> common.OptimizerConfig:
+    return common.OptimizerConfig(learning_rate=learning_rate, warmup_steps=warmup, **overrides)
+
+
+def tiny_overrides(args) -> None:
+    """The `--tiny` preset: a few-minute smoke run of the whole pipeline at toy sizes."""
+    args.image_size, args.num_train, args.num_valid, args.num_heldout = 32, 256, 32, 32
+    args.vqgan_steps, args.dallebart_steps, args.clip_steps = 20, 20, 20
+    args.eval_prompts, args.eval_candidates, args.eval_keep = 4, 4, 2
+
+
+def stage_world(args) -> dict:
+    world.write_dataset(Path(args.workdir) / "world", args.num_train, args.num_valid, args.num_heldout,
+                        args.image_size, args.seed)  # fmt: skip
+    return {}
+
+
+def _vqgan_config(args) -> train_vqgan.VQGANTrainConfig:
+    model = train_vqgan.embedded_config(args.image_size)
+    if args.tiny:
+        model = dataclasses.replace(
+            model, ch_mult=(1, 1, 1), z_channels=16, n_embed=64, embed_dim=8
+        )
+    return train_vqgan.VQGANTrainConfig(
+        model=model, optimizer=_optimizer(args, args.vqgan_lr, min(50, args.vqgan_steps // 5)),
+        num_steps=args.vqgan_steps, batch_size=args.vqgan_batch, seed=args.seed,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+    )  # fmt: skip
+
+
+def stage_vqgan(args) -> dict:
+    images, _, _ = world.load_split(Path(args.workdir) / "world", "train")
+    model, params = train_vqgan.train(images, _vqgan_config(args), Path(args.workdir) / "vqgan")
+    model.save_pretrained(_model_dir(args, "vqgan"), params)
+    valid, _, _ = world.load_split(Path(args.workdir) / "world", "valid")
+    report = train_vqgan.reconstruction_report(model, params, valid)
+    (Path(args.workdir) / "vqgan" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"[vqgan] validation: {report}")
+    return {"vqgan": report}
+
+
+def stage_encode(args) -> dict:
+    from dalle_mini.models.vqgan import VQModel
+
+    model, params = VQModel.from_pretrained(args.vqgan or _model_dir(args, "vqgan"))
+    for split in world.SPLITS:
+        images, captions, _ = world.load_split(Path(args.workdir) / "world", split)
+        codes = train_vqgan.encode_images(model, params, images)
+        path = write_encoded(Path(args.workdir) / "encoded" / f"{split}.parquet", captions, codes)
+        print(f"[encode] {split}: {len(captions)} rows -> {path}")
+    return {}
+
+
+def stage_dallebart(args) -> dict:
+    from dalle_mini.models.dallebart import DalleBart
+    from dalle_mini.processor import DalleBartProcessor
+
+    data = args.data or [Path(args.workdir) / "encoded" / "train.parquet"]
+    captions, codes = read_encoded(data)
+    num_codes = args.num_codes or _vqgan_config(args).model.n_embed
+    processor = model_config = init_params = None
+    if args.init_from:  # fine-tuning keeps the model's size, tokenizer and weights
+        model, init_params = DalleBart.from_pretrained(args.init_from)
+        processor, model_config = DalleBartProcessor.from_pretrained(args.init_from), model.config
+    config = train_dallebart.DalleBartTrainConfig(
+        optimizer=_optimizer(args, args.dallebart_lr, min(100, args.dallebart_steps // 10),
+                             weight_decay=0.01, name=args.optimizer,
+                             accumulation_steps=args.accumulation_steps),
+        num_steps=args.dallebart_steps, batch_size=args.dallebart_batch,
+        use_bfloat16=args.bf16, seed=args.seed, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+    )  # fmt: skip
+    workdir = Path(args.workdir) / "dallebart"
+    model, params, processor = train_dallebart.train(captions, codes, num_codes, config, workdir,
+                                                     processor, model_config, init_params)  # fmt: skip
+    train_dallebart.save(_model_dir(args, "dallebart"), model, params, processor)
+    return {}
+
+
+def stage_clip(args) -> dict:
+    images, captions, _ = world.load_split(Path(args.workdir) / "world", "train")
+    model = train_clip.embedded_config(args.image_size)
+    if args.tiny:
+        model = dataclasses.replace(
+            model, embed_dim=16,
+            vision=dataclasses.replace(model.vision, width=32, layers=1),
+            text=dataclasses.replace(model.text, width=32, heads=1, layers=1),
+        )  # fmt: skip
+    config = train_clip.CLIPTrainConfig(
+        model=model, optimizer=_optimizer(args, args.clip_lr, min(50, args.clip_steps // 5),
+                                          weight_decay=0.05, beta2=0.98),
+        num_steps=args.clip_steps, batch_size=args.clip_batch, seed=args.seed,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+    )  # fmt: skip
+    scorer, _ = train_clip.train(images, captions, config, Path(args.workdir) / "clip")
+    scorer.save_pretrained(_model_dir(args, "clip"))
+    return {}
+
+
+def stage_evaluate(args) -> dict:
+    folder = args.models or Path(args.workdir)
+    models = evaluation.Models.load(
+        folder if args.models == "embedded" else _models_root(args, folder)
+    )
+    config = evaluation.EvalConfig(
+        num_prompts=args.eval_prompts, num_candidates=args.eval_candidates, keep=args.eval_keep,
+        condition_scale=args.condition_scale, top_k=args.top_k, temperature=args.temperature,
+        seed=args.seed,
+    )  # fmt: skip
+    extra = {}
+    for name in ("vqgan/report.json", TIMINGS_NAME):
+        path = Path(args.workdir) / name
+        if path.is_file():
+            extra["vqgan" if name.startswith("vqgan") else "timings_s"] = json.loads(
+                path.read_text()
+            )
+    results = evaluation.run(
+        models, Path(args.workdir) / "world", Path(args.workdir) / "eval", config, extra
+    )
+    print((Path(args.workdir) / "eval" / "report.md").read_text())
+    return {"bars_met": sum(b["met"] for b in results["bars"]), "bars": len(results["bars"])}
+
+
+def _models_root(args, folder: Path) -> Path:
+    """A folder holding dallebart/, vqgan/, clip/ model folders: the workdir's, or an assets one."""
+    folder = Path(folder)
+    if (folder / "dallebart" / "model").is_dir():
+        root = folder / "eval" / "models"
+        for stage in ("dallebart", "vqgan", "clip"):
+            link = root / stage
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to((folder / stage / "model").resolve(), target_is_directory=True)
+        return root
+    return folder
+
+
+def install(args) -> Path:
+    """Copies the three models (and the evaluation) to `--out` via a temporary folder."""
+    out = Path(args.out)
+    temporary = out.with_name(out.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    for stage in ("dallebart", "vqgan", "clip"):
+        shutil.copytree(_model_dir(args, stage), temporary / stage)
+    for name in ("report.json", "report.md", "samples_valid.png", "samples_heldout.png"):
+        source = Path(args.workdir) / "eval" / name
+        if source.is_file():
+            shutil.copyfile(
+                source,
+                temporary / f"evaluation_{name}" if name.startswith("report") else temporary / name,
+            )
+    if (out / "README.md").is_file():  # the hand-written model card stays
+        shutil.copyfile(out / "README.md", temporary / "README.md")
+    if out.exists():
+        shutil.rmtree(out)
+    temporary.rename(out)
+    return out
+
+
+RUNNERS = {"world": stage_world, "vqgan": stage_vqgan, "encode": stage_encode,
+           "dallebart": stage_dallebart, "clip": stage_clip, "evaluate": stage_evaluate}  # fmt: skip
+
+
+def run_stage(args, stage: str) -> None:
+    """Runs one stage and records its wall time in `workdir/timings.json`."""
+    started = time.time()
+    RUNNERS[stage](args)
+    timings_path = Path(args.workdir) / TIMINGS_NAME
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings[stage] = round(time.time() - started, 1)  # this invocation's time
+    timings["total"] = round(sum(timings.get(name, 0.0) for name in STAGES), 1)
+    timings_path.parent.mkdir(parents=True, exist_ok=True)
+    timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    print(f"[{stage}] took {timings[stage]:.0f} s (all stages: {timings['total']:.0f} s)")
+
+
+def run_all(args) -> None:
+    for stage in STAGES:
+        run_stage(args, stage)
+    if args.out:
+        print(f"[all] installed the models in {install(args)}")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalle-mini-train", description=__doc__.split("\n")[0])
+    parser.add_argument("stage", choices=(*STAGES, "all"))
+    parser.add_argument(
+        "--workdir", default="runs/embedded", help="where every stage reads and writes"
+    )
+    parser.add_argument("--out", help="`all` only: install the trained models in this folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="toy sizes: a smoke run of minutes")
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    group = parser.add_argument_group("world")
+    group.add_argument("--image-size", type=int, default=64)
+    group.add_argument("--num-train", type=int, default=20000)
+    group.add_argument("--num-valid", type=int, default=1000)
+    group.add_argument("--num-heldout", type=int, default=1000)
+    group = parser.add_argument_group("vqgan")
+    group.add_argument("--vqgan-steps", type=int, default=600)
+    group.add_argument("--vqgan-batch", type=int, default=8)
+    group.add_argument("--vqgan-lr", type=float, default=2e-3)
+    group.add_argument(
+        "--vqgan", help="encode: VQGAN folder to encode with (default: the trained one)"
+    )
+    group = parser.add_argument_group("dallebart")
+    group.add_argument(
+        "--data",
+        nargs="+",
+        help="parquet files/folders of caption+encoding rows (default: the encoded world)",
+    )
+    group.add_argument(
+        "--num-codes", type=int, help="codebook size of --data (default: the embedded VQGAN's)"
+    )
+    group.add_argument(
+        "--init-from", help="fine-tune this DalleBart folder (or 'embedded') instead of a new one"
+    )
+    group.add_argument("--dallebart-steps", type=int, default=1200)
+    group.add_argument("--dallebart-batch", type=int, default=32)
+    group.add_argument("--dallebart-lr", type=float, default=2e-3)
+    group.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
+    group.add_argument("--accumulation-steps", type=int, default=1)
+    group.add_argument("--bf16", action="store_true", help="bfloat16 compute (slower on most CPUs)")
+    group = parser.add_argument_group("clip")
+    group.add_argument("--clip-steps", type=int, default=300)
+    group.add_argument("--clip-batch", type=int, default=128)
+    group.add_argument("--clip-lr", type=float, default=1e-3)
+    group = parser.add_argument_group("evaluate")
+    group.add_argument(
+        "--models",
+        help="evaluate these models: a folder with dallebart/ vqgan/ clip/, "
+        "or 'embedded' (default: the workdir's)",
+    )
+    group.add_argument("--eval-prompts", type=int, default=256)
+    group.add_argument("--eval-candidates", type=int, default=32)
+    group.add_argument("--eval-keep", type=int, default=9)
+    group.add_argument("--condition-scale", type=float, default=3.0)
+    group.add_argument("--top-k", type=int, default=64)
+    group.add_argument("--temperature", type=float, default=1.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tiny:
+        tiny_overrides(args)
+    try:
+        if args.stage == "all":
+            run_all(args)
+        else:
+            run_stage(args, args.stage)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"dalle-mini-train {args.stage}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,215 @@
+"""Training a VQGAN on images: reconstruction + codebook + commitment losses, with code restarts.
+
+The loss is taming-transformers' without its optional perceptual and adversarial terms:
+|x − x̂|₁ + |x − x̂|² for the pixels, |sg(z) − e|² moving the codebook to the encoder, and
+β·|z − sg(e)|² (β = 0.25) keeping the encoder near its codes. Small codebooks trained from a
+random start collapse onto a few codes and a decoder fed near-constant codes learns little, so
+training starts as a plain autoencoder (`autoencoder_warmup`), the codebook is then initialised
+by k-means on encoder outputs, and every `restart_every` steps codes no image has used recently
+are moved onto encoder outputs of the batch (the "dead code restart" of Jukebox); restarts stop
+for the last part of training so the codebook settles.
+
+`embedded_config()` is the VQGAN shipped in `dalle_mini/assets/embedded/vqgan`: 64×64 images,
+downsampling 8 (an 8×8 grid, 64 codes per image) and 512 codes of 32 dimensions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle_mini.models.vqgan import VQGANConfig, VQGANModule, VQModel
+from dalle_mini.train import common
+
+USAGE_DECAY = 0.95  # per-step decay of each code's running hit count
+DEAD_USAGE = 0.02  # a code whose running count falls below this is restarted
+
+
+def embedded_config(image_size: int = 64) -> VQGANConfig:
+    """The embedded VQGAN: f8 (64×64 → 8×8 codes), 512 codes, ~0.6M parameters."""
+    return VQGANConfig(
+        ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, resolution=image_size, z_channels=64,
+        attn_resolutions=(), n_embed=512, embed_dim=32,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANTrainConfig:
+    model: VQGANConfig = dataclasses.field(default_factory=embedded_config)
+    optimizer: common.OptimizerConfig = common.OptimizerConfig(learning_rate=2e-3, warmup_steps=50)
+    num_steps: int = 1500
+    batch_size: int = 16
+    commitment_weight: float = 0.25
+    autoencoder_warmup: float = 0.25  # fraction of steps trained without the quantizer
+    restart_every: int = 25
+    restart_until: float = 0.7  # fraction of num_steps after which codes are no longer restarted
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 250
+
+
+def _forward(module: VQGANModule, images, use_quantizer):
+    """The training forward, optionally bypassing the quantizer (autoencoder warm-up)."""
+    z = module.latents(images, train=True)  # (B, h, w, D)
+    codes = module.quantize.nearest_codes(z)  # (B, h, w)
+    e = module.quantize.lookup(codes)  # (B, h, w, D)
+    quantized = jnp.where(use_quantizer, z + jax.lax.stop_gradient(e - z), z)  # straight-through
+    codebook_loss = jnp.mean((jax.lax.stop_gradient(z) - e) ** 2)
+    commitment_loss = jnp.mean((z - jax.lax.stop_gradient(e)) ** 2)
+    return module.decode(quantized, train=True), codes, codebook_loss, commitment_loss
+
+
+def _loss_fn(params, module: VQGANModule, images, use_quantizer, commitment_weight: float):
+    reconstruction, codes, codebook, commitment = module.apply(
+        {"params": params}, images, use_quantizer, method=_forward
+    )
+    error = reconstruction - images  # (B, H, W, 3)
+    l1, mse = jnp.mean(jnp.abs(error)), jnp.mean(error**2)
+    vq_terms = jnp.where(use_quantizer, codebook + commitment_weight * commitment, 0.0)
+    loss = l1 + mse + vq_terms
+    return loss, {"loss": loss, "l1": l1, "mse": mse, "codebook": codebook, "codes": codes}
+
+
+def make_step(module: VQGANModule, optimizer, config: VQGANTrainConfig):
+    """The jitted `step(state, batch, rng) -> (state, metrics)`; state.extra is code usage."""
+    quantize_from = int(config.num_steps * config.autoencoder_warmup)
+
+    @jax.jit
+    def step(state: common.TrainState, batch, rng):
+        images = batch["images"].astype(jnp.float32) / 255.0  # (B, H, W, 3)
+        use_quantizer = state.step >= quantize_from
+        grads, metrics = jax.grad(_loss_fn, has_aux=True)(
+            state.params, module, images, use_quantizer, config.commitment_weight
+        )
+        counts = jnp.bincount(metrics.pop("codes").reshape(-1), length=config.model.n_embed)
+        usage = USAGE_DECAY * state.extra + counts
+        metrics["active_codes"] = jnp.sum(usage > DEAD_USAGE)
+        state = common.apply_gradients(state, grads, optimizer).replace(extra=usage)
+        return state, metrics
+
+    return step
+
+
+def kmeans(vectors: np.ndarray, count: int, seed: int, iterations: int = 12) -> np.ndarray:
+    """`count` centres of `vectors` (N, D) by Lloyd's algorithm from a random subset; empty
+    clusters are re-seeded on random vectors."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(vectors, jnp.float32)
+    centres = x[rng.choice(len(vectors), count, replace=len(vectors) < count)]
+
+    @jax.jit
+    def assign(centres):
+        distances = jnp.sum(x**2, 1, keepdims=True) + jnp.sum(centres**2, 1) - 2 * x @ centres.T
+        labels = jnp.argmin(distances, axis=1)  # (N,)
+        sums = jax.ops.segment_sum(x, labels, num_segments=count)  # (K, D)
+        return sums, jnp.bincount(labels, length=count)
+
+    for _ in range(iterations):
+        sums, sizes = assign(centres)
+        sizes = np.asarray(sizes)
+        fresh = np.asarray(x[rng.integers(0, len(vectors), count)])
+        centres = jnp.asarray(
+            np.where(sizes[:, None] > 0, np.asarray(sums) / np.maximum(sizes, 1)[:, None], fresh)
+        )
+    return np.asarray(centres)
+
+
+def _set_codebook(params, codebook: np.ndarray):
+    params = jax.tree.map(lambda x: x, params)  # new nested dicts, same leaves
+    params["quantize"]["embedding"]["embedding"] = jnp.asarray(codebook, jnp.float32)
+    return params
+
+
+def make_codebook_hook(module: VQGANModule, config: VQGANTrainConfig, images: np.ndarray):
+    """Host-side hook: k-means initialisation of the codebook from encoder outputs when the
+    quantizer switches on, then restarts of dead codes onto encoder outputs of the batch."""
+    latents = jax.jit(
+        lambda params, x: module.apply({"params": params}, x, method=VQGANModule.latents)
+    )
+    quantize_from = int(config.num_steps * config.autoencoder_warmup)
+    last_restart_step = int(config.num_steps * config.restart_until)
+
+    def hook(state: common.TrainState, batch, metrics) -> common.TrainState:
+        step = int(state.step)
+        if step == quantize_from:
+            rng = np.random.default_rng([config.seed, step])
+            sample = images[rng.choice(len(images), min(len(images), 1024), replace=False)]
+            z = np.concatenate([np.asarray(latents(state.params, jnp.asarray(sample[i : i + 128], jnp.float32) / 255.0))
+                                for i in range(0, len(sample), 128)])  # fmt: skip
+            codebook = kmeans(z.reshape(-1, z.shape[-1]), config.model.n_embed, config.seed)
+            return state.replace(params=_set_codebook(state.params, codebook),
+                                 extra=jnp.ones_like(state.extra))  # fmt: skip
+        if step < quantize_from or step % config.restart_every or step > last_restart_step:
+            return state
+        usage = np.asarray(state.extra)
+        dead = np.flatnonzero(usage < DEAD_USAGE)
+        if dead.size == 0:
+            return state
+        z = np.asarray(latents(state.params, jnp.asarray(batch["images"], jnp.float32) / 255.0))
+        z = z.reshape(-1, z.shape[-1])  # (B * h * w, D)
+        rng = np.random.default_rng([config.seed, step])
+        picks = z[rng.integers(0, len(z), dead.size)] + 0.01 * rng.standard_normal(
+            (dead.size, z.shape[1])
+        )
+        codebook = np.array(state.params["quantize"]["embedding"]["embedding"])
+        codebook[dead] = picks
+        usage = usage.copy()
+        usage[dead] = 1.0  # give restarted codes time to be picked
+        return state.replace(params=_set_codebook(state.params, codebook), extra=jnp.asarray(usage))
+
+    return hook
+
+
+def train(images: np.ndarray, config: VQGANTrainConfig, workdir: str | Path) -> tuple[VQModel, Any]:
+    """Trains on uint8 images (N, S, S, 3); returns the model and its parameters.
+
+    Resumes from `workdir` when it holds a checkpoint of the same run.
+    """
+    if images.ndim != 4 or images.shape[1:] != (config.model.resolution,) * 2 + (3,):
+        raise ValueError(f"images must be (N, {config.model.resolution}, {config.model.resolution}, 3) "
+                         f"uint8 to train this VQGAN; got {images.shape}")  # fmt: skip
+    model = VQModel(config.model)
+    optimizer = common.make_optimizer(config.optimizer, config.num_steps)
+    params = model.init_params(jax.random.PRNGKey(config.seed))
+    state = common.create_state(params, optimizer, extra=jnp.ones((config.model.n_embed,)))
+    step = make_step(model.module, optimizer, config)
+
+    def batches(start):
+        for indices in common.batch_order(len(images), config.batch_size, config.seed, start):
+            yield {"images": jnp.asarray(images[np.sort(indices)])}
+
+    info = {"stage": "vqgan", "model": config.model.to_dict()}
+    state = common.run_steps(
+        state, step, batches, config.num_steps, workdir, info, name="vqgan", seed=config.seed,
+        log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+        hook=make_codebook_hook(model.module, config, images),
+    )  # fmt: skip
+    return model, state.params
+
+
+def encode_images(model: VQModel, params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Codes (N, h * w) int32 of uint8 images (N, S, S, 3)."""
+    codes = [np.asarray(model.encode(images[i : i + batch_size].astype(np.float32) / 255.0, params=params)[1])
+             for i in range(0, len(images), batch_size)]  # fmt: skip
+    return np.concatenate(codes).astype(np.int32)
+
+
+def decode_codes(model: VQModel, params, codes: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """uint8 images (N, S, S, 3) of codes (N, h * w)."""
+    images = [np.asarray(model.decode_code(codes[i : i + batch_size], params=params))
+              for i in range(0, len(codes), batch_size)]  # fmt: skip
+    return np.round(np.clip(np.concatenate(images), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def reconstruction_report(model: VQModel, params, images: np.ndarray) -> dict[str, float]:
+    """Reconstruction error (MSE in [0, 1] units) and codebook usage on `images`."""
+    codes = encode_images(model, params, images)
+    rebuilt = decode_codes(model, params, codes)
+    mse = float(np.mean((rebuilt.astype(np.float32) - images.astype(np.float32)) ** 2) / 255.0**2)
+    return {"reconstruction_mse": mse, "codes_used": int(np.unique(codes).size),
+            "codebook_usage": float(np.unique(codes).size / model.config.n_embed)}  # fmt: skip

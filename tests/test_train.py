@@ -1,0 +1,196 @@
+"""The training pipeline: each trainer learns at toy size, runs resume, data keeps its format."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dalle_mini.models.vqgan import VQModel
+from dalle_mini.processor import DalleBartProcessor, train_tokenizer
+from dalle_mini.train import cli, common, train_clip, train_dallebart, train_vqgan, world
+from dalle_mini.train.data import TextBatcher, read_encoded, write_encoded
+
+
+def _losses(workdir):
+    lines = (workdir / common.METRICS_NAME).read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def _world_images(count, size=32, split="train"):
+    examples = [world.example(0, split, i, size) for i in range(count)]
+    return np.stack([e[0] for e in examples]), [e[1] for e in examples]
+
+
+# --- common: optimizer, checkpoints, resume ----------------------------------------------------
+
+
+def _regression_run(workdir, num_steps, optimizer_config):
+    """A linear regression trained by run_steps: cheap to compile, exact to compare."""
+    optimizer = common.make_optimizer(optimizer_config, 8)
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    y = x @ np.array([1.0, -2.0, 0.5], np.float32)
+
+    @jax.jit
+    def step(state, batch, rng):
+        def loss_fn(w):
+            return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        return common.apply_gradients(state, grads, optimizer), {"loss": loss}
+
+    def batches(start):
+        for indices in common.batch_order(64, 16, 0, start):
+            yield {"x": x[indices], "y": y[indices]}
+
+    state = common.create_state(jnp.zeros(3), optimizer)
+    return common.run_steps(state, step, batches, num_steps, workdir, {}, name="test",
+                            log_every=1, checkpoint_every=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, name):
+    config = common.OptimizerConfig(name=name, learning_rate=0.5, warmup_steps=1, grad_clip=None)
+    straight = _regression_run(tmp_path / "straight", 8, config)
+    _regression_run(tmp_path / "resumed", 4, config)  # "interrupted" after 4 steps
+    assert json.loads((tmp_path / "resumed" / common.CHECKPOINT_INFO_NAME).read_text())["step"] == 4
+    resumed = _regression_run(tmp_path / "resumed", 8, config)
+    assert int(resumed.step) == 8
+    np.testing.assert_allclose(resumed.params, straight.params, rtol=1e-6)
+    losses = _losses(tmp_path / "straight")
+    assert losses[-1] < 0.5 * losses[0]
+    assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.pickle"))
+
+
+def test_gradient_accumulation_updates_every_k_steps():
+    optimizer = common.make_optimizer(common.OptimizerConfig(learning_rate=0.1, warmup_steps=0, accumulation_steps=3), 4)
+    state = common.create_state(jnp.ones(2), optimizer)
+    for expected_changed in (False, False, True):
+        new = common.apply_gradients(state, jnp.ones(2), optimizer)
+        assert bool(jnp.any(new.params != state.params)) == expected_changed
+        state = new
+
+
+def test_schedule_warms_up_then_decays():
+    schedule = common.learning_rate_schedule(common.OptimizerConfig(learning_rate=1.0, warmup_steps=10), 100)
+    assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.5)
+    assert schedule(10) == pytest.approx(1.0) and schedule(99) < 0.1
+
+
+def test_a_checkpoint_of_another_model_is_refused_clearly(tmp_path):
+    optimizer = common.make_optimizer(common.OptimizerConfig(), 4)
+    common.save_checkpoint(tmp_path, common.create_state(jnp.zeros(3), optimizer), {})
+    with pytest.raises(ValueError, match="does not match"):
+        common.load_checkpoint(tmp_path, common.create_state({"w": jnp.zeros((2, 2))}, optimizer))
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def _processor(captions):
+    return DalleBartProcessor(train_tokenizer(captions, 300), 24, normalizer=None)
+
+
+def test_parquet_round_trip_and_caption_blanking(tmp_path):
+    captions = [f"a red circle number {i}" for i in range(200)]
+    codes = np.arange(200 * 4).reshape(200, 4) % 7
+    write_encoded(tmp_path / "part.parquet", captions, codes)
+    read_captions, read_codes = read_encoded(tmp_path)
+    assert read_captions == captions and np.array_equal(read_codes, codes)
+    batcher = TextBatcher(_processor(captions), read_captions, read_codes, blank_rate=0.1)
+    batches = batcher.batches(100, seed=0)
+    blanked = [np.all(b["input_ids"] == batcher.uncond_ids, axis=1).mean() for b in (next(batches) for _ in range(10))]
+    assert 0.05 < np.mean(blanked) < 0.15
+    with pytest.raises(ValueError, match="lacks column"):
+        pq.write_table(pq.read_table(tmp_path / "part.parquet").drop(["encoding"]), tmp_path / "bad.parquet")
+        read_encoded(tmp_path / "bad.parquet")
+
+
+# --- the trainers -----------------------------------------------------------------------------
+
+
+def test_vqgan_trainer_loss_falls_and_codebook_is_used(tmp_path):
+    images, _ = _world_images(64)
+    model = dataclasses.replace(train_vqgan.embedded_config(32), ch_mult=(1, 1), z_channels=8, n_embed=32, embed_dim=4)
+    config = train_vqgan.VQGANTrainConfig(
+        model=model, optimizer=common.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
+        num_steps=24, batch_size=8, restart_every=4, log_every=4, checkpoint_every=24,
+    )  # fmt: skip
+    vqgan, params = train_vqgan.train(images, config, tmp_path)
+    losses = _losses(tmp_path)
+    assert losses[-1] < 0.6 * losses[0]
+    report = train_vqgan.reconstruction_report(vqgan, params, images[:16])
+    assert report["codebook_usage"] > 0.3  # k-means start + restarts: no collapse onto few codes
+
+
+def test_dallebart_trainer_loss_falls_and_saves_a_loadable_checkpoint(tmp_path):
+    from dalle_mini.models.dallebart import DalleBart
+
+    rng = np.random.default_rng(0)
+    colors = ["red", "blue", "green", "yellow"]
+    captions = [f"a {colors[i % 4]} square" for i in range(64)]
+    codes = np.array([np.full(8, i % 4) + rng.integers(0, 2, 8) * 4 for i in range(64)], np.int32)
+    processor = _processor(captions)
+    model_config = dataclasses.replace(
+        train_dallebart.embedded_config(processor.tokenizer.get_vocab_size(), 8, 8, 24),
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2,
+    )  # fmt: skip
+    config = train_dallebart.DalleBartTrainConfig(
+        optimizer=common.OptimizerConfig(learning_rate=1e-2, warmup_steps=2, accumulation_steps=2),
+        num_steps=30, batch_size=16, log_every=5, checkpoint_every=10,
+    )  # fmt: skip
+    model, params, processor = train_dallebart.train(captions, codes, 8, config, tmp_path, processor, model_config)
+    losses = _losses(tmp_path)
+    assert losses[0] > 1.8 and losses[-1] < 0.8 * losses[0]  # log(8) = 2.08 at the start
+    train_dallebart.save(tmp_path / "model", model, params, processor)
+    loaded, loaded_params = DalleBart.from_pretrained(tmp_path / "model")
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(loaded_params["lm_head"]["kernel"], params["lm_head"]["kernel"])
+    assert DalleBartProcessor.from_pretrained(tmp_path / "model")("a red square")["input_ids"].shape == (1, 24)
+
+
+def test_clip_trainer_loss_falls_and_saves_open_clip_format(tmp_path):
+    from dalle_mini.scoring import CLIPScorer
+
+    images, captions = _world_images(64)
+    model = train_clip.embedded_config(32)
+    model = dataclasses.replace(
+        model, embed_dim=16, vision=dataclasses.replace(model.vision, width=32, layers=1),
+        text=dataclasses.replace(model.text, width=32, heads=1, layers=1, context_length=24),
+    )  # fmt: skip
+    config = train_clip.CLIPTrainConfig(
+        model=model, optimizer=common.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
+        num_steps=20, batch_size=16, log_every=5, checkpoint_every=20,
+    )  # fmt: skip
+    scorer, _ = train_clip.train(images, captions, config, tmp_path)
+    losses = _losses(tmp_path)
+    assert losses[-1] < 0.8 * losses[0]
+    scorer.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    loaded = CLIPScorer.from_pretrained(tmp_path / "model")
+    np.testing.assert_allclose(loaded.score(captions[0], images[:4]), scorer.score(captions[0], images[:4]), rtol=1e-5)
+
+
+def test_encode_stage_writes_the_original_parquet_format(tmp_path):
+    world.write_dataset(tmp_path / "world", 6, 2, 2, size=32)
+    config = dataclasses.replace(train_vqgan.embedded_config(32), ch_mult=(1, 1, 1), z_channels=8, n_embed=16, embed_dim=4)
+    vqgan = VQModel(config)
+    vqgan.save_pretrained(tmp_path / "vqgan", vqgan.init_params(jax.random.PRNGKey(0)))
+    assert cli.main(["encode", "--workdir", str(tmp_path), "--vqgan", str(tmp_path / "vqgan")]) == 0
+    table = pq.read_table(tmp_path / "encoded" / "train.parquet")
+    assert table.column_names == ["caption", "encoding"]
+    assert str(table.schema.field("caption").type) == "string"
+    assert str(table.schema.field("encoding").type) == "list<item: int64>"
+    _, captions, _ = world.load_split(tmp_path / "world", "train")
+    assert table.column("caption").to_pylist() == captions
+    encodings = table.column("encoding").to_pylist()
+    assert all(len(row) == 64 and 0 <= min(row) and max(row) < 16 for row in encodings)  # 8×8 grid
+
+
+def test_cli_names_the_missing_input(tmp_path, capsys):
+    assert cli.main(["dallebart", "--workdir", str(tmp_path)]) == 2
+    assert "encode" in capsys.readouterr().err
