@@ -27,6 +27,7 @@ from dalle_mini.pipeline import Pipeline
 
 LOG = logging.getLogger("dalle_mini.app")
 NUM_IMAGES = 9  # the 3×3 gallery
+DEFAULT_CANDIDATES = 32
 EXAMPLES = [
     "a red circle on a blue background",
     "a big yellow star in the top left corner",
@@ -41,7 +42,8 @@ published DALL·E Mini / Mega learned from captioned web images and repeat their
 tend to show stereotypes about people, professions and places, under-represent many groups,
 garble faces and text, and can produce offensive images. Do not use them to depict real people
 or to make decisions about anyone."""
-CSS = "#status {min-height: 1.5em} #gallery img {image-rendering: pixelated}"  # small images stay crisp
+# Small images stay crisp when the gallery enlarges them.
+CSS = "#status {min-height: 1.5em} #gallery img {image-rendering: pixelated}"
 
 
 class Generator:
@@ -55,10 +57,16 @@ class Generator:
         """Yields (gallery, status, grid file, files, settings) while sampling, then the result."""
         try:
             request = self.pipe.request(
-                prompt, num_images=NUM_IMAGES, num_candidates=num_candidates, seed=seed,
-                temperature=temperature, top_k=top_k, top_p=top_p,
-                condition_scale=condition_scale, rerank=self.pipe.scorer is not None,
-            )  # fmt: skip
+                prompt,
+                num_images=NUM_IMAGES,
+                num_candidates=num_candidates,
+                seed=seed,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                condition_scale=condition_scale,
+                rerank=self.pipe.scorer is not None,
+            )
         except (TypeError, ValueError) as error:
             raise gr.Error(str(error), title="Cannot generate", print_exception=False) from error
         try:
@@ -66,8 +74,13 @@ class Generator:
                 if update.is_preview:
                     caption = f"sampling {update.step}/{update.num_steps}"
                     status = f"Sampling codes: {update.step} of {update.num_steps}…"
-                    yield ([(image, caption) for image in update.images], status,
-                           gr.skip(), gr.skip(), [])  # fmt: skip
+                    yield (
+                        [(image, caption) for image in update.images],
+                        status,
+                        gr.skip(),
+                        gr.skip(),
+                        [],
+                    )
             yield from self._publish(update)
         except Exception as error:  # noqa: BLE001 - one request's failure must not show internals
             LOG.exception("generation failed")
@@ -77,14 +90,24 @@ class Generator:
         folder = Path(tempfile.mkdtemp(prefix="result-", dir=self.output_root))
         try:
             paths = result.save(folder)  # names fixed by the pipeline, never from the request
-            captions = [f"#{rank} · CLIP {score:.3f}" for rank, score in
-                        enumerate(result.scores or [float("nan")] * len(result.images), start=1)]  # fmt: skip
-            status = (f"{len(result.images)} best of {result.num_candidates} candidates, "
-                      f"seed {result.settings[0].seed}. Click an image for its settings.")  # fmt: skip
+            ranks = range(1, len(result.images) + 1)
+            captions = [f"#{rank}" for rank in ranks]  # without a CLIP, seed order
+            if result.scores is not None:
+                captions = [
+                    f"#{r} · CLIP {s:.3f}" for r, s in zip(ranks, result.scores, strict=True)
+                ]
+            status = (
+                f"{len(result.images)} best of {result.num_candidates} candidates, "
+                f"seed {result.settings[0].seed}. Click an image for its settings."
+            )
             settings = [s.to_dict() for s in result.settings]
-            yield (list(zip(result.images, captions)), status,
-                   gr.DownloadButton(value=str(paths[0]), interactive=True),
-                   [str(p) for p in paths], settings)  # fmt: skip
+            yield (
+                list(zip(result.images, captions, strict=True)),
+                status,
+                gr.DownloadButton(value=str(paths[0]), interactive=True),
+                [str(p) for p in paths],
+                settings,
+            )
         finally:  # Gradio has copied the files into its cache by the time the generator resumes
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -107,58 +130,129 @@ def build_app(pipe: Pipeline, output_root: Path, max_candidates: int = 64) -> gr
         gr.Markdown(f"# DALL·E Mini\nText to images, in JAX. Model: **{pipe.describe()}**")
         with gr.Row():
             with gr.Column(scale=2, min_width=300):
-                prompt = gr.Textbox(label="Prompt", placeholder="a red circle on a blue background",
-                                    lines=2, max_length=limits.MAX_PROMPT_CHARS, elem_id="prompt")  # fmt: skip
+                prompt = gr.Textbox(
+                    label="Prompt",
+                    placeholder="a red circle on a blue background",
+                    lines=2,
+                    max_length=limits.MAX_PROMPT_CHARS,
+                    elem_id="prompt",
+                )
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(EXAMPLES, inputs=prompt, label="Examples")
                 with gr.Accordion("Settings", open=True):
-                    temperature = gr.Slider(0.1, 3.0, value=1.0, step=0.05, label="Temperature",
-                                            info="lower: safer, plainer; higher: more varied",
-                                            elem_id="temperature")  # fmt: skip
-                    top_k = gr.Slider(0, config.num_codes, value=min(config.top_k, config.num_codes),
-                                      step=1, label="Top-k",
-                                      info="sample among the k likeliest codes; 0 = off",
-                                      elem_id="top-k")  # fmt: skip
-                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p",
-                                      info="sample among codes holding this probability; 1 = off",
-                                      elem_id="top-p")  # fmt: skip
-                    condition_scale = gr.Slider(1.0, 20.0, value=10.0, step=0.5,
-                                                label="Condition scale",
-                                                info="how strongly to follow the prompt",
-                                                elem_id="condition-scale")  # fmt: skip
-                    num_candidates = gr.Slider(NUM_IMAGES, max_candidates, value=32, step=1,
-                                               label="Candidates",
-                                               info="images sampled; CLIP keeps the best nine",
-                                               elem_id="candidates")  # fmt: skip
+                    temperature = gr.Slider(
+                        0.1,
+                        3.0,
+                        value=1.0,
+                        step=0.05,
+                        label="Temperature",
+                        info="lower: safer, plainer; higher: more varied",
+                        elem_id="temperature",
+                    )
+                    top_k = gr.Slider(
+                        0,
+                        config.num_codes,
+                        value=min(config.top_k, config.num_codes),
+                        step=1,
+                        label="Top-k",
+                        info="sample among the k likeliest codes; 0 = off",
+                        elem_id="top-k",
+                    )
+                    top_p = gr.Slider(
+                        0.05,
+                        1.0,
+                        value=1.0,
+                        step=0.05,
+                        label="Top-p",
+                        info="sample among codes holding this probability; 1 = off",
+                        elem_id="top-p",
+                    )
+                    condition_scale = gr.Slider(
+                        1.0,
+                        20.0,
+                        value=10.0,
+                        step=0.5,
+                        label="Condition scale",
+                        info="how strongly to follow the prompt",
+                        elem_id="condition-scale",
+                    )
+                    num_candidates = gr.Slider(
+                        NUM_IMAGES,
+                        max_candidates,
+                        value=min(DEFAULT_CANDIDATES, max_candidates),
+                        step=1,
+                        label="Candidates",
+                        info="images sampled; CLIP keeps the best nine",
+                        elem_id="candidates",
+                    )
                     with gr.Row():
-                        seed = gr.Number(0, precision=0, minimum=0, maximum=limits.MAX_SEED,
-                                         label="Seed", elem_id="seed", scale=3)  # fmt: skip
+                        seed = gr.Number(
+                            0,
+                            precision=0,
+                            minimum=0,
+                            maximum=limits.MAX_SEED,
+                            label="Seed",
+                            elem_id="seed",
+                            scale=3,
+                        )
                         dice = gr.Button("Random seed", size="sm", elem_id="randomize", scale=1)
                 gr.Markdown(NOTE)
             with gr.Column(scale=3, min_width=360):
-                gallery = gr.Gallery(label="Best first, CLIP score as caption", columns=3, rows=3,
-                                     height=740, object_fit="contain", format="png",
-                                     preview=False, buttons=["download", "fullscreen"],
-                                     interactive=False, elem_id="gallery")  # fmt: skip
+                gallery = gr.Gallery(
+                    label="Best first, CLIP score as caption",
+                    columns=3,
+                    rows=3,
+                    height=740,
+                    object_fit="contain",
+                    format="png",
+                    preview=False,
+                    buttons=["download", "fullscreen"],
+                    interactive=False,
+                    elem_id="gallery",
+                )
                 status = gr.Markdown("", elem_id="status")
-                chosen = gr.JSON(label="Settings of the clicked image: pipe.regenerate(settings) "
-                                 "gives it again", open=True, elem_id="settings")  # fmt: skip
-                grid_button = gr.DownloadButton("Download the grid", interactive=False,
-                                                elem_id="download-grid")  # fmt: skip
-                files = gr.File(label="Each image, the grid, and result.json (settings, scores)",
-                                file_count="multiple", interactive=False, height=220,
-                                elem_id="files")  # fmt: skip
+                chosen = gr.JSON(
+                    label="Settings of the clicked image: pipe.regenerate(settings) gives it again",
+                    open=True,
+                    elem_id="settings",
+                )
+                grid_button = gr.DownloadButton(
+                    "Download the grid", interactive=False, elem_id="download-grid"
+                )
+                files = gr.File(
+                    label="Each image, the grid, and result.json (settings, scores)",
+                    file_count="multiple",
+                    interactive=False,
+                    height=220,
+                    elem_id="files",
+                )
         settings_state = gr.State([])
         knobs = [prompt, temperature, top_k, top_p, condition_scale, num_candidates, seed]
         outputs = [gallery, status, grid_button, files, settings_state]
         # Raw payloads (preprocess=False): the pipeline checks every value itself, so a wrong type
         # sent through the API gets the same clear message as an out-of-range one.
-        gr.on([run.click, prompt.submit], handlers.generate, inputs=knobs, outputs=outputs,
-              api_name="generate", preprocess=False, concurrency_id="generate")  # fmt: skip
-        gallery.select(handlers.show_settings, inputs=settings_state, outputs=chosen,
-                       api_visibility="private", queue=False)  # fmt: skip
+        gr.on(
+            [run.click, prompt.submit],
+            handlers.generate,
+            inputs=knobs,
+            outputs=outputs,
+            api_name="generate",
+            preprocess=False,
+            concurrency_id="generate",
+        )
+        gallery.select(
+            handlers.show_settings,
+            inputs=settings_state,
+            outputs=chosen,
+            api_visibility="private",
+            queue=False,
+        )
         dice.click(handlers.random_seed, outputs=seed, api_visibility="private", queue=False)
     return demo
+
+
+def default_candidates(args) -> int:
+    return min(DEFAULT_CANDIDATES, args.max_candidates)
 
 
 def default_host() -> str:
@@ -170,39 +264,68 @@ def default_host() -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Serve the DALL·E Mini web app.")
-    parser.add_argument("--model", default=os.environ.get("DALLE_MINI_MODEL", "embedded"),
-                        help="'embedded' (default), 'mini', 'mega', or a folder with dallebart/, "
-                        "vqgan/ and clip/")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("DALLE_MINI_MODEL", "embedded"),
+        help="'embedded' (default), 'mini', 'mega', or a folder with dallebart/, vqgan/ and clip/",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--host", default=default_host(),
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 on a Space)")  # fmt: skip
+    parser.add_argument(
+        "--host",
+        default=default_host(),
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 on a Space)",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--max-queue", type=int, default=16,
-                        help="requests waiting beyond this are turned away (default 16)")  # fmt: skip
-    parser.add_argument("--concurrency", type=int, default=1,
-                        help="generations run at once (default 1)")  # fmt: skip
-    parser.add_argument("--max-candidates", type=int, default=64,
-                        help="largest number of candidates the slider offers (default 64)")  # fmt: skip
-    parser.add_argument("--no-warmup", action="store_true",
-                        help="skip compiling the sampler before the first request")  # fmt: skip
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="requests waiting beyond this are turned away (default 16)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="generations run at once (default 1)"
+    )
+    parser.add_argument(
+        "--max-candidates",
+        type=int,
+        default=64,
+        help="largest number of candidates the slider offers (default 64)",
+    )
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip compiling the sampler before the first request",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype,
-                                    max_candidates=max(args.max_candidates, NUM_IMAGES))  # fmt: skip
+    if args.max_candidates < NUM_IMAGES:
+        raise SystemExit(f"app.py: --max-candidates must be at least {NUM_IMAGES}")
+    try:
+        pipe = Pipeline.from_pretrained(
+            args.model, dtype=args.dtype, max_candidates=args.max_candidates
+        )
+    except ValueError as error:  # CheckpointError included: missing or mismatched files
+        raise SystemExit(f"app.py: cannot load the model {args.model!r}: {error}") from None
     LOG.info("loaded %s", pipe.describe())
     if not args.no_warmup:  # compile for the default settings, so the first visitor waits less
-        pipe("warm up", num_images=NUM_IMAGES, num_candidates=32, rerank=pipe.scorer is not None)
+        pipe("warm up", num_images=NUM_IMAGES, num_candidates=default_candidates(args))
         LOG.info("sampler compiled")
     output_root = Path(tempfile.mkdtemp(prefix="dalle-mini-app-"))
     demo = build_app(pipe, output_root, args.max_candidates)
     demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[],
-                    show_error=False, css=CSS, footer_links=["api"])  # fmt: skip
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            allowed_paths=[],
+            show_error=False,
+            css=CSS,
+            footer_links=["api"],
+        )
     finally:
         shutil.rmtree(output_root, ignore_errors=True)
 

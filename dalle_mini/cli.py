@@ -35,75 +35,143 @@ examples:
 def _add_model_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model", default=default,
+        "--model",
+        default=default,
         help="'embedded' (offline, default), 'mini' or 'mega' (published DALL·E Mini / Mega: "
         "network once, then cached), or a folder with dallebart/, vqgan/ and clip/",
-    )  # fmt: skip
+    )
     group.add_argument("--dallebart", help="override the DalleBart (folder or hub id)")
     group.add_argument("--vqgan", help="override the VQGAN (folder or hub id)")
     group.add_argument("--clip", help="override the CLIP (folder, hub id or name like ViT-B-32)")
     group.add_argument("--no-clip", action="store_true", help="load no CLIP: no reranking/scores")
-    group.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                       help="DalleBart compute dtype (default float32)")  # fmt: skip
+    group.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="DalleBart compute dtype (default float32)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dalle-mini", description="DALL·E Mini in JAX: text to images, offline by default.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
-    )  # fmt: skip
+        prog="dalle-mini",
+        description="DALL·E Mini in JAX: text to images, offline by default.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = commands.add_parser(
-        "generate", help="generate images for one or more prompts",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
-    )  # fmt: skip
-    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="what to draw; several prompts "
-                     "run as one batch, each written to its own numbered folder")  # fmt: skip
+        "generate",
+        help="generate images for one or more prompts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    gen.add_argument(
+        "prompts",
+        nargs="+",
+        metavar="PROMPT",
+        help="what to draw; several prompts "
+        "run as one batch, each written to its own numbered folder",
+    )
     knobs = gen.add_argument_group("knobs")
-    knobs.add_argument("--num-images", type=int, metavar="N", default=9,
-                       help=f"images kept per prompt, 1-{limits.MAX_IMAGES} (default 9)")  # fmt: skip
-    knobs.add_argument("--num-candidates", type=int, metavar="N", default=32,
-                       help="images sampled per prompt, of which CLIP keeps the best "
-                       f"--num-images (default 32, at most {limits.MAX_CANDIDATES})")  # fmt: skip
-    knobs.add_argument("--seed", type=int, metavar="S", default=0,
-                       help=f"0-{limits.MAX_SEED}; same seed and knobs, same images (default 0)")  # fmt: skip
-    knobs.add_argument("--temperature", type=float, metavar="T", default=1.0,
-                       help="> 0; lower is safer and plainer, higher is more varied (default 1.0)")  # fmt: skip
-    knobs.add_argument("--top-k", type=int, metavar="K", default=None,
-                       help="sample only among the k likeliest codes; 0 turns it off "
-                       "(default: the model's, 50, as the original)")  # fmt: skip
-    knobs.add_argument("--top-p", type=float, metavar="P", default=None,
-                       help="in (0, 1]: sample only among the likeliest codes holding this much "
-                       "probability (default: off)")  # fmt: skip
-    knobs.add_argument("--condition-scale", type=float, metavar="C", default=10.0,
-                       help=f"0-{limits.MAX_CONDITION_SCALE:g}; how strongly to follow the prompt "
-                       "(super-conditioning; 1 = plain sampling; default 10)")  # fmt: skip
-    knobs.add_argument("--no-rerank", action="store_true",
-                       help="keep the first --num-images samples instead of CLIP's best")  # fmt: skip
+    knobs.add_argument(
+        "--num-images",
+        type=int,
+        metavar="N",
+        default=9,
+        help=f"images kept per prompt, 1-{limits.MAX_IMAGES} (default 9)",
+    )
+    knobs.add_argument(
+        "--num-candidates",
+        type=int,
+        metavar="N",
+        default=32,
+        help="images sampled per prompt, of which CLIP keeps the best "
+        f"--num-images (default 32, at most {limits.MAX_CANDIDATES})",
+    )
+    knobs.add_argument(
+        "--seed",
+        type=int,
+        metavar="S",
+        default=0,
+        help=f"0-{limits.MAX_SEED}; same seed and knobs, same images (default 0)",
+    )
+    knobs.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        default=1.0,
+        help="> 0; lower is safer and plainer, higher is more varied (default 1.0)",
+    )
+    knobs.add_argument(
+        "--top-k",
+        type=int,
+        metavar="K",
+        default=None,
+        help="sample only among the k likeliest codes; 0 turns it off "
+        "(default: the model's, 50, as the original)",
+    )
+    knobs.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        default=None,
+        help="in (0, 1]: sample only among the likeliest codes holding this much "
+        "probability (default: off)",
+    )
+    knobs.add_argument(
+        "--condition-scale",
+        type=float,
+        metavar="C",
+        default=10.0,
+        help=f"0-{limits.MAX_CONDITION_SCALE:g}; how strongly to follow the prompt "
+        "(super-conditioning; 1 = plain sampling; default 10)",
+    )
+    knobs.add_argument(
+        "--no-rerank",
+        action="store_true",
+        help="keep the first --num-images samples instead of CLIP's best",
+    )
     _add_model_arguments(gen, "embedded")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out/)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
     regen = commands.add_parser("regenerate", help="sample again one image from its settings")
-    regen.add_argument("settings", type=Path, help="a result.json written by `generate` (or by "
-                       "the app), or a JSON file of one image's settings")  # fmt: skip
-    regen.add_argument("--image", type=int, default=None,
-                       help="which image of a result.json, by rank (default: all of them)")  # fmt: skip
+    regen.add_argument(
+        "settings",
+        type=Path,
+        help="a result.json written by `generate` (or by "
+        "the app), or a JSON file of one image's settings",
+    )
+    regen.add_argument(
+        "--image",
+        type=int,
+        default=None,
+        help="which image of a result.json, by rank (default: all of them)",
+    )
     _add_model_arguments(regen, None)
-    regen.add_argument("--out", type=Path, default=Path("out/regenerated"),
-                       help="output folder (default out/regenerated/)")  # fmt: skip
+    regen.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/regenerated"),
+        help="output folder (default out/regenerated/)",
+    )
     regen.add_argument("--quiet", action="store_true", help="no summary")
     return parser
 
 
-def load_pipeline(args: argparse.Namespace, default_model: str = "embedded",
-                  default_dtype: str = "float32"):  # fmt: skip
+def load_pipeline(
+    args: argparse.Namespace, default_model: str = "embedded", default_dtype: str = "float32"
+):
     from dalle_mini.pipeline import Pipeline
 
     return Pipeline.from_pretrained(
-        args.model or default_model, dallebart=args.dallebart, vqgan=args.vqgan,
-        clip=False if args.no_clip else args.clip, dtype=args.dtype or default_dtype,
-    )  # fmt: skip
+        args.model or default_model,
+        dallebart=args.dallebart,
+        vqgan=args.vqgan,
+        clip=False if args.no_clip else args.clip,
+        dtype=args.dtype or default_dtype,
+    )
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
@@ -111,10 +179,15 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
     pipe = load_pipeline(args)
     knobs = dict(
-        num_images=args.num_images, num_candidates=args.num_candidates, seed=args.seed,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        condition_scale=args.condition_scale, rerank=not args.no_rerank and pipe.scorer is not None,
-    )  # fmt: skip
+        num_images=args.num_images,
+        num_candidates=args.num_candidates,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        condition_scale=args.condition_scale,
+        rerank=not args.no_rerank and pipe.scorer is not None,
+    )
     requests = [pipe.request(prompt, **knobs) for prompt in args.prompts]
     start = time.perf_counter()
     total = pipe.model.config.image_length
@@ -125,7 +198,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     folders = [args.out]
     if len(update) > 1:  # numbered, never named after the prompt
         folders = [args.out / f"{i:02d}" for i in range(1, len(update) + 1)]
-    for result, folder in zip(update, folders):
+    for result, folder in zip(update, folders, strict=True):
         paths = result.save(folder)
         if not args.quiet:
             _print_summary(result, paths, seconds)
@@ -139,11 +212,14 @@ def regenerate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"cannot read settings from {args.settings}: {error}") from error
     items = _settings_from(content, args.image)
     first = items[0]
-    pipe = load_pipeline(args, default_model=first.get("model", "embedded"),
-                         default_dtype=first.get("dtype", "float32"))  # fmt: skip
+    pipe = load_pipeline(
+        args,
+        default_model=first.get("model", "embedded"),
+        default_dtype=first.get("dtype", "float32"),
+    )
     results = pipe.regenerate(items)
     paths = []
-    for item, result in zip(items, results):
+    for item, result in zip(items, results, strict=True):
         index = item["image_index"]
         path = args.out / f"seed{item['seed']}_image{index}.png"
         args.out.mkdir(parents=True, exist_ok=True)
@@ -175,9 +251,13 @@ def _settings_from(content, rank: int | None) -> list[dict]:
 
 
 def _print_summary(result, paths: list[Path], seconds: float) -> None:
-    print(f"\n{result.prompt!r}: {len(result.images)} of {result.num_candidates} candidates "
-          f"in {seconds:.1f} s → {paths[0].parent}/")  # fmt: skip
-    for rank, (path, settings) in enumerate(zip(paths[1:-1], result.settings), start=1):
+    print(
+        f"\n{result.prompt!r}: {len(result.images)} of {result.num_candidates} candidates "
+        f"in {seconds:.1f} s → {paths[0].parent}/"
+    )
+    for rank, (path, settings) in enumerate(
+        zip(paths[1:-1], result.settings, strict=True), start=1
+    ):
         score = "" if result.scores is None else f"  CLIP {result.scores[rank - 1]:.3f}"
         print(f"  {rank:2d}. {path.name}  candidate {settings.image_index}{score}")
     print(f"  grid: {paths[0]}   settings and scores: {paths[-1]}")

@@ -21,7 +21,6 @@ requests (different prompts, seeds and knobs) share one sampler batch: `stream_r
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import threading
@@ -29,23 +28,24 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dalle_mini import sampling
+from dalle_mini.batching import make_batch, split_rows
 from dalle_mini.checkpoint import count_params
 from dalle_mini.hub import EMBEDDED_NAME, CheckpointError
 from dalle_mini.models.dallebart import DalleBart
 from dalle_mini.models.vqgan import PUBLISHED_VQGAN, VQModel
 from dalle_mini.processor import DalleBartProcessor
-from dalle_mini.results import Preview, Result
+from dalle_mini.results import Preview, Result, to_image
 from dalle_mini.settings import (
+    KNOB_NAMES,
     MAX_CANDIDATES,
     GenerationRequest,
     ImageSettings,
     make_request,
+    prompt_list,
 )
 
 # name -> (DalleBart, VQGAN, CLIP). The published ones need the network once (then cached).
@@ -55,7 +55,6 @@ PRESETS = {
     "mega": ("dalle-mini/dalle-mega", PUBLISHED_VQGAN, "ViT-B-32"),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MIN_BATCH = 8
 _PREVIEW_DIM = 0.35  # previews show rows not sampled yet at this fraction of their brightness
 
 
@@ -67,9 +66,19 @@ class Pipeline:
       max_candidates: the most candidates one request may ask for.
     """
 
-    def __init__(self, model: DalleBart, params, vqgan: VQModel, vqgan_params,
-                 processor: DalleBartProcessor, scorer=None, *, name: str = "custom",
-                 preview_rows: int | None = None, max_candidates: int = MAX_CANDIDATES):  # fmt: skip
+    def __init__(
+        self,
+        model: DalleBart,
+        params,
+        vqgan: VQModel,
+        vqgan_params,
+        processor: DalleBartProcessor,
+        scorer=None,
+        *,
+        name: str = "custom",
+        preview_rows: int | None = None,
+        max_candidates: int = MAX_CANDIDATES,
+    ):
         check_compatible(model, vqgan)
         self.model, self.params = model, params
         self.vqgan, self.vqgan_params = vqgan, vqgan_params
@@ -82,9 +91,17 @@ class Pipeline:
         self._normalizer_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, name: str | os.PathLike | None = EMBEDDED_NAME, *,
-                        dallebart=None, vqgan=None, clip=None, revision: str | None = None,
-                        dtype: str = "float32", **options) -> Pipeline:  # fmt: skip
+    def from_pretrained(
+        cls,
+        name: str | os.PathLike | None = EMBEDDED_NAME,
+        *,
+        dallebart=None,
+        vqgan=None,
+        clip=None,
+        revision: str | None = None,
+        dtype: str = "float32",
+        **options,
+    ) -> Pipeline:
         """Loads the three components.
 
         Args:
@@ -102,6 +119,8 @@ class Pipeline:
         dallebart = dallebart or defaults[0]
         vqgan = vqgan or defaults[1]
         clip = defaults[2] if clip is None else clip
+        if not dallebart or not vqgan:
+            raise ValueError("name a model (e.g. 'embedded'), or pass both dallebart= and vqgan=")
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported: use one of {sorted(DTYPES)}")
         model, params = DalleBart.from_pretrained(dallebart, revision=revision, dtype=DTYPES[dtype])
@@ -118,24 +137,51 @@ class Pipeline:
 
     # -- the public calls ------------------------------------------------------------------------
 
-    def __call__(self, prompt: str | Sequence[str], **knobs) -> Result | list[Result]:
-        """Generates images for a prompt (→ Result) or a list of prompts (→ list of Results).
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        num_images: int = 9,
+        num_candidates: int = 32,
+        seed: int = 0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        condition_scale: float = 10.0,
+        rerank: bool | None = None,
+    ) -> Result | list[Result]:
+        """Generates images for a prompt (→ Result) or a list of prompts (→ list of Results,
+        sampled as one batch).
 
-        Knobs (all optional): num_images (1–16, default 9), num_candidates (default 32),
-        seed (default 0), temperature (1.0), top_k (None = the model's 50; 0 = off),
-        top_p (None = off), condition_scale (10.0), rerank (True). See `settings.make_request`.
+        Args:
+          num_images: images kept, 1–16.
+          num_candidates: images sampled, of which CLIP keeps the best `num_images`.
+          seed: 0 to 2**32 - 1; candidate i of a seed is always the same image.
+          temperature: > 0; below 1 plainer and safer, above 1 more varied.
+          top_k: sample among the k likeliest codes; None is the model's default (50, as the
+            original), 0 turns it off.
+          top_p: sample among the likeliest codes holding this probability; None is off.
+          condition_scale: super-conditioning weight, >= 0; 1 is plain sampling.
+          rerank: keep CLIP's best (True) or the first `num_images` samples (False);
+            None reranks when a CLIP is loaded.
+
+        Raises:
+          TypeError / ValueError naming the knob and the values it accepts.
         """
+        knobs = dict(num_images=num_images, num_candidates=num_candidates, seed=seed,
+                     temperature=temperature, top_k=top_k, top_p=top_p,
+                     condition_scale=condition_scale, rerank=rerank)  # fmt: skip
         *_, final = self.stream(prompt, **knobs)
         return final
 
     def stream(self, prompt: str | Sequence[str], **knobs) -> Iterator[Any]:
-        """Like calling the pipeline, but first yields a `Preview` every `preview_rows` rows of
-        codes (a list of them for a list of prompts), then the final Result(s)."""
+        """Like calling the pipeline (same knobs), but first yields a `Preview` every
+        `preview_rows` rows of codes (a list of them for a list of prompts), then the final
+        Result(s). Bad knobs raise here, before anything is sampled."""
         is_batch = not isinstance(prompt, str)
-        prompts = _prompt_list(prompt)
-        requests = [self.request(text, **knobs) for text in prompts]
-        for update in self.stream_requests(requests):
-            yield update if is_batch else update[0]
+        requests = [self.request(text, **knobs) for text in prompt_list(prompt)]
+        updates = self.stream_requests(requests)
+        return updates if is_batch else (update[0] for update in updates)
 
     def regenerate(self, settings) -> Result | list[Result]:
         """Samples exactly the image(s) that `settings` describe, alone.
@@ -149,9 +195,17 @@ class Pipeline:
         if not items:
             raise ValueError("no settings given to regenerate")
         requests = [
-            self.request(s.prompt, num_images=1, seed=s.seed, temperature=s.temperature,
-                         top_k=s.top_k, top_p=s.top_p, condition_scale=s.condition_scale,
-                         rerank=False, image_indices=[s.image_index])  # fmt: skip
+            self.request(
+                s.prompt,
+                num_images=1,
+                seed=s.seed,
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                condition_scale=s.condition_scale,
+                rerank=False,
+                image_indices=[s.image_index],
+            )
             for s in items
         ]
         *_, results = self.stream_requests(requests, previews=False)
@@ -159,19 +213,24 @@ class Pipeline:
 
     def request(self, prompt: str, **knobs) -> GenerationRequest:
         """A checked request for this pipeline (clear TypeError/ValueError on a bad knob)."""
-        unknown = sorted(set(knobs) - _KNOB_NAMES)
+        unknown = sorted(set(knobs) - KNOB_NAMES)
         if unknown:
-            raise TypeError(f"unknown setting(s) {unknown}; the knobs are {sorted(_KNOB_NAMES)}")
+            raise TypeError(f"unknown setting(s) {unknown}; the knobs are {sorted(KNOB_NAMES)}")
+        if knobs.get("rerank") is None:
+            knobs["rerank"] = self.scorer is not None
         request = make_request(
-            prompt, default_top_k=self.model.config.top_k, max_candidates=self.max_candidates,
+            prompt,
+            default_top_k=self.model.config.top_k,
+            max_candidates=self.max_candidates,
             **knobs,
-        )  # fmt: skip
+        )
         if request.rerank and self.scorer is None:
             raise ValueError("rerank=True needs a CLIP model: load one, or pass rerank=False")
         return request
 
-    def stream_requests(self, requests: Sequence[GenerationRequest],
-                        previews: bool = True) -> Iterator[list[Any]]:  # fmt: skip
+    def stream_requests(
+        self, requests: Sequence[GenerationRequest], previews: bool = True
+    ) -> Iterator[list[Any]]:
         """Samples many requests in one batch. Yields, every `preview_rows` rows of codes, a
         list of `Preview`s (one per request; `previews=False` skips them), then a list of
         `Result`s. Each request keeps its own prompt, seed and knobs."""
@@ -181,13 +240,18 @@ class Pipeline:
             if not isinstance(request, GenerationRequest):
                 raise TypeError(f"expected GenerationRequest (pipe.request(...)), got {request!r}")
         # 1. normalize + tokenize; one sampler row per candidate.
-        tokens, owner = self._tokenize(requests)
-        row_keys, knobs = _row_keys(requests, owner), _row_knobs(requests, owner)
+        batch = make_batch(requests, [self._tokenize(r.prompt) for r in requests])
         # 2. encode the prompts (and the empty prompt).
+        tokens = batch.tokens
         state = self.model.start_sampling(
-            tokens["input_ids"], tokens["attention_mask"], row_keys, knobs,
-            tokens["input_ids_uncond"], tokens["attention_mask_uncond"], params=self.params,
-        )  # fmt: skip
+            tokens["input_ids"],
+            tokens["attention_mask"],
+            batch.row_keys,
+            batch.knobs,
+            tokens["input_ids_uncond"],
+            tokens["attention_mask_uncond"],
+            params=self.params,
+        )
         # 3. sample the codes, `preview_rows` rows at a time.
         image_length = self.model.config.image_length
         step, chunk = 0, self.preview_rows * self.grid_size
@@ -195,34 +259,26 @@ class Pipeline:
             state = self.model.continue_sampling(state, chunk, params=self.params)
             codes, step = np.asarray(state.sequences[:, 1:]), int(state.step)  # (N, image_length)
             if previews and step < image_length:
-                yield [self._preview(r, c, step) for r, c in zip(requests, _split(codes, requests))]
+                yield [self._preview(r, c, step) for r, c in split_rows(codes, requests)]
         # 4.–6. decode, score and rank, per request.
-        yield [self._finish(r, c) for r, c in zip(requests, _split(codes, requests))]
+        yield [self._finish(r, c) for r, c in split_rows(codes, requests)]
 
     # -- the steps -------------------------------------------------------------------------------
 
-    def _tokenize(self, requests: Sequence[GenerationRequest]):
-        """Token ids per sampler row, and which request each row belongs to (padded rows repeat
-        the last one: see `_bucket`)."""
-        tokens = [self._tokenize_one(r.prompt) for r in requests]
-        owner = np.repeat(np.arange(len(requests)), [r.num_candidates for r in requests])
-        owner = np.pad(owner, (0, _bucket(len(owner)) - len(owner)), mode="edge")  # (N,)
-        return {key: np.concatenate([t[key] for t in tokens])[owner] for key in tokens[0]}, owner
+    def _tokenize(self, prompt: str) -> dict[str, np.ndarray]:
+        return self._with_fixed_normalizer(lambda: self.processor([prompt]))
 
-    def _tokenize_one(self, prompt: str) -> dict[str, np.ndarray]:
+    def normalize(self, prompt: str) -> str:
+        """The prompt as the model reads it."""
+        return self._with_fixed_normalizer(lambda: self.processor.normalize(prompt))
+
+    def _with_fixed_normalizer(self, run):
         # The normalizer replaces "<person>" at random: restart its generator for every prompt so
         # the same prompt always reads the same (and regenerates the same image).
         with self._normalizer_lock:
             if self.processor.normalizer is not None:
                 self.processor.normalizer.rng.seed(0)
-            return self.processor([prompt])
-
-    def normalize(self, prompt: str) -> str:
-        """The prompt as the model reads it."""
-        with self._normalizer_lock:
-            if self.processor.normalizer is not None:
-                self.processor.normalizer.rng.seed(0)
-            return self.processor.normalize(prompt)
+            return run()
 
     def decode(self, codes: Any) -> list[Image.Image]:
         """Image codes (N, image_length) → N RGB images. Each image is decoded on its own (a
@@ -271,17 +327,10 @@ class Pipeline:
             normalized_prompt=self.normalize(request.prompt),
             images=[candidates[i] for i in order],
             scores=None if scores is None else [float(scores[i]) for i in order],
-            settings=[self._settings(request, request.image_indices[i]) for i in order],
+            settings=[request.settings_of(i, self.name, self.dtype) for i in order],
             codes=codes[order],
             num_candidates=request.num_candidates,
         )
-
-    def _settings(self, request: GenerationRequest, image_index: int) -> ImageSettings:
-        return ImageSettings(
-            prompt=request.prompt, seed=request.seed, image_index=int(image_index),
-            temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-            condition_scale=request.condition_scale, model=self.name, dtype=self.dtype,
-        )  # fmt: skip
 
     def _own_settings(self, settings) -> ImageSettings:
         if not isinstance(settings, ImageSettings):
@@ -302,15 +351,9 @@ class Pipeline:
         clip = "CLIP reranking" if self.scorer is not None else "no CLIP reranking"
         return (
             f"{self.name}: DalleBart {count_params(self.params) / 1e6:.1f}M parameters "
-            f"({self.dtype}), {config.image_length} codes per image from {config.num_codes}, "
-            f"VQGAN decoding to {side}×{side} pixels, {clip}"
+            f"({self.dtype} compute), {config.image_length} codes per image from "
+            f"{config.num_codes}, VQGAN decoding to {side}×{side} pixels, {clip}"
         )
-
-
-_KNOB_NAMES = {
-    "num_images", "num_candidates", "seed", "temperature", "top_k", "top_p",
-    "condition_scale", "rerank", "image_indices",
-}  # fmt: skip
 
 
 def check_compatible(model: DalleBart, vqgan: VQModel) -> None:
@@ -329,11 +372,6 @@ def check_compatible(model: DalleBart, vqgan: VQModel) -> None:
         )
 
 
-def to_image(pixels: np.ndarray) -> Image.Image:
-    """(H, W, 3) floats, nominally in [0, 1] (VQGAN output) → an RGB image."""
-    return Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255).round().astype(np.uint8), "RGB")
-
-
 def _component_names(name) -> tuple[str, str, Any]:
     if name is None:
         return (None, None, None)
@@ -343,49 +381,9 @@ def _component_names(name) -> tuple[str, str, Any]:
     folder = Path(name).expanduser()
     if (folder / "dallebart").is_dir():
         clip = folder / "clip"
-        return (str(folder / "dallebart"), str(folder / "vqgan"), str(clip) if clip.is_dir() else False)
+        return (
+            str(folder / "dallebart"),
+            str(folder / "vqgan"),
+            str(clip) if clip.is_dir() else False,
+        )
     return (name, PUBLISHED_VQGAN, PRESETS["mini"][2])
-
-
-def _prompt_list(prompt) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, (list, tuple)):
-        raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-    if not prompt:
-        raise ValueError("the list of prompts is empty")
-    return list(prompt)
-
-
-def _bucket(count: int) -> int:
-    """Sampler batch size for `count` rows: a power of two, at least MIN_BATCH, so that a few
-    compiled sizes serve every request (regenerating one image reuses the batch of 8)."""
-    return max(MIN_BATCH, 1 << max(count - 1, 0).bit_length())
-
-
-def _split(codes: np.ndarray, requests: Sequence[GenerationRequest]) -> list[np.ndarray]:
-    ends = np.cumsum([r.num_candidates for r in requests])
-    return [codes[end - r.num_candidates : end] for r, end in zip(requests, ends)]
-
-
-def _row_keys(requests: Sequence[GenerationRequest], owner: np.ndarray) -> jax.Array:
-    """(N, 2) keys: candidate i of seed s gets fold_in(PRNGKey(s), i), as `sampling.row_keys_for`."""
-    keys = jnp.concatenate([
-        sampling.row_keys_for(jax.random.PRNGKey(np.uint32(r.seed)),
-                              jnp.asarray(r.image_indices, jnp.int32))
-        for r in requests
-    ])  # fmt: skip
-    return jnp.concatenate([keys, jnp.repeat(keys[-1:], len(owner) - len(keys), axis=0)])
-
-
-def _row_knobs(requests: Sequence[GenerationRequest], owner: np.ndarray) -> sampling.Knobs:
-    def column(name: str, dtype) -> jax.Array:
-        return jnp.asarray([getattr(requests[i], name) for i in owner], dtype)  # (N,)
-
-    return sampling.Knobs(
-        condition_scale=column("condition_scale", jnp.float32),
-        temperature=column("temperature", jnp.float32),
-        top_k=column("top_k", jnp.int32),
-        top_p=column("top_p", jnp.float32),
-    )
-

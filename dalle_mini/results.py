@@ -79,8 +79,9 @@ class Preview:
 
     is_preview: ClassVar[bool] = True
 
-    def __init__(self, prompt: str, step: int, num_steps: int,
-                 render: Callable[[], list[Image.Image]]):  # fmt: skip
+    def __init__(
+        self, prompt: str, step: int, num_steps: int, render: Callable[[], list[Image.Image]]
+    ):
         self.prompt = prompt
         self.step = step  # codes sampled per image so far
         self.num_steps = num_steps  # codes per image in all
@@ -99,6 +100,11 @@ class Preview:
 
     def __repr__(self) -> str:
         return f"Preview(prompt={self.prompt!r}, step={self.step}/{self.num_steps})"
+
+
+def to_image(pixels: np.ndarray) -> Image.Image:
+    """(H, W, 3) floats, nominally in [0, 1] (VQGAN output) → an RGB image."""
+    return Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255).round().astype(np.uint8), "RGB")
 
 
 def image_name(rank: int) -> str:

@@ -2,8 +2,13 @@
 
 What the original `generate` did (`../shared/dalle-mini-facts.md` §4), reorganised for speed:
 - conditional and unconditional rows run as one batch of 2B rows through the decoder;
-- cross-attention keys/values are computed once per request, not once per token;
-- the self-attention cache is written in place, one position per step;
+- cross-attention keys/values are computed once per request, not once per token, and the
+  unconditional prompt, when every image shares it, is encoded once, not once per image;
+- the self-attention cache is written in place, one position per step, and every decoder
+  weight matrix is read in place (`split_decoder_layers`; layout and reasons: `models/bart.py`,
+  `decode_step`), so a step moves little more than the weights and the cache once;
+- top-k up to `TOP_K_CAP` (the default is 50) takes a partial sort (`lax.top_k`) of the
+  logits instead of a full sort of the vocabulary, while k stays a traced value;
 - the knobs (condition scale, temperature, top-k, top-p) are traced per-row arrays, so moving a
   slider never recompiles and rows of one batch may carry different knobs;
 - every row has its own PRNG key, so an image does not depend on what else is in the batch.
@@ -19,6 +24,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dalle_mini.models import bart
@@ -28,7 +34,9 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class Knobs:
-    """Per-row sampling settings, each (B,). top_k <= 0 disables top-k; top_p >= 1 disables top-p."""
+    """Per-row sampling settings, each (B,).
+
+    top_k <= 0 disables top-k; top_p >= 1 disables top-p."""
 
     condition_scale: Array
     temperature: Array
@@ -36,7 +44,7 @@ class Knobs:
     top_p: Array
 
     @classmethod
-    def broadcast(cls, batch_size: int, *, condition_scale, temperature, top_k, top_p) -> "Knobs":
+    def broadcast(cls, batch_size: int, *, condition_scale, temperature, top_k, top_p) -> Knobs:
         def column(value, dtype):
             return jnp.broadcast_to(jnp.asarray(value, dtype), (batch_size,))
 
@@ -48,37 +56,51 @@ class Knobs:
         )
 
 
+TOP_K_CAP = 128  # a batch whose every top-k is 1..TOP_K_CAP needs only a partial sort
+
+
 @flax.struct.dataclass
 class SamplerState:
-    """Everything the loop carries. R = B rows, or 2B when unconditional rows ride along."""
+    """Everything the loop carries. B images; R = B rows, or 2B when unconditional rows ride
+    along; R' cross-attention rows: R, or B + 1 when all unconditional rows share one prompt."""
 
     step: Array  # () int32: how many codes are written
     sequences: Array  # (B, image_length + 1) int32, start token in column 0
-    cache_keys: Array  # (L, R, S, H, Dh)
-    cache_values: Array  # (L, R, S, H, Dh)
-    cross_keys: Array  # (L, R, T, H, Dh)
-    cross_values: Array  # (L, R, T, H, Dh)
-    cross_bias: Array  # (R, 1, 1, T)
+    cache_keys: tuple[Array, ...]  # per layer (R, H, S, Dh)
+    cache_values: tuple[Array, ...]  # per layer (R, H, S, Dh)
+    cross_keys: tuple[Array, ...]  # per layer (R', H, T, Dh)
+    cross_values: tuple[Array, ...]  # per layer (R', H, T, Dh)
+    cross_bias: Array  # (R', 1, T): 0 where the prompt has a token, -inf on padding
     row_keys: Array  # (B, 2) uint32: one PRNG key per image
     knobs: Knobs
+
+
+def _threshold(ranked: Array, k: Array, top_p: Array) -> Array:
+    """The smallest logit kept by top-k then top-p, (B, 1), from the best logits in descending
+    order, ranked (B, N), N >= every k."""
+    in_top_k = jnp.arange(ranked.shape[-1])[None] < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative probability
+    in_top_p = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    keep_count = jnp.maximum(jnp.sum(in_top_k & in_top_p, axis=-1), 1)  # (B,)
+    return jnp.take_along_axis(ranked, keep_count[:, None] - 1, axis=-1)
 
 
 def filter_logits(logits: Array, knobs: Knobs) -> Array:
     """Temperature, then top-k, then top-p (nucleus), as the original's warpers; logits (B, V).
 
-    Both filters come from one descending sort. Ties at a top-k threshold are all kept.
+    Both filters come from one descending ranking: the best TOP_K_CAP logits when every row's
+    top-k is that small, else a full sort. Ties at a top-k threshold are all kept.
     """
     logits = logits / knobs.temperature[:, None]
     vocab = logits.shape[-1]
-    ranked = -jnp.sort(-logits, axis=-1)  # (B, V), descending
-    ranks = jnp.arange(vocab)
     k = jnp.where(knobs.top_k <= 0, vocab, jnp.minimum(knobs.top_k, vocab))  # (B,)
-    in_top_k = ranks[None] < k[:, None]
-    probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative probability
-    in_top_p = (mass_before < knobs.top_p[:, None]) | (knobs.top_p[:, None] >= 1.0)
-    keep_count = jnp.maximum(jnp.sum(in_top_k & in_top_p, axis=-1), 1)  # (B,)
-    threshold = jnp.take_along_axis(ranked, keep_count[:, None] - 1, axis=-1)  # (B, 1)
+    full_sort = lambda: _threshold(-jnp.sort(-logits, axis=-1), k, knobs.top_p)  # noqa: E731
+    if vocab <= TOP_K_CAP:
+        threshold = full_sort()
+    else:
+        partial_sort = lambda: _threshold(lax.top_k(logits, TOP_K_CAP)[0], k, knobs.top_p)  # noqa: E731
+        threshold = lax.cond(jnp.all(k <= TOP_K_CAP), partial_sort, full_sort)
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
@@ -104,25 +126,40 @@ def next_codes(logits: Array, uncond_logits: Array | None, state: SamplerState,
 
 def init_state(params, config: bart.DalleBartConfig, input_ids: Array, attention_mask: Array,
                row_keys: Array, knobs: Knobs, uncond_ids: Array | None = None,
-               uncond_mask: Array | None = None, dtype: Any = jnp.float32) -> SamplerState:  # fmt: skip
-    """Encodes the prompts (and the unconditional prompt) and sets up an empty cache."""
+               uncond_mask: Array | None = None,
+               dtype: Any = jnp.float32) -> SamplerState:  # fmt: skip
+    """Encodes the prompts (and the unconditional prompt) and sets up an empty cache.
+
+    `uncond_ids`/`uncond_mask` are (B, T), one unconditional prompt per image, or (1, T): one
+    prompt shared by every image (the usual case), encoded and stored once.
+    """
+    batch = row_keys.shape[0]
+    rows = batch
     if uncond_ids is not None:
+        if uncond_ids.shape[0] not in (1, batch):
+            raise ValueError(f"uncond_ids has {uncond_ids.shape[0]} rows; expected 1 or {batch}")
         input_ids = jnp.concatenate([input_ids, uncond_ids], axis=0)
         attention_mask = jnp.concatenate([attention_mask, uncond_mask], axis=0)
+        rows = 2 * batch
     encoder_hidden = bart.encode(params, config, input_ids, attention_mask, dtype)
-    cross_keys, cross_values = bart.cross_keys_values(params, config, encoder_hidden, dtype)
-    rows, batch = input_ids.shape[0], row_keys.shape[0]
-    cache_shape = (config.decoder_layers, rows, config.image_length,
-                   config.decoder_attention_heads, config.head_dim)  # fmt: skip
+    # keys and values stay float32 whatever the compute dtype: XLA:CPU has no bfloat16 kernel for
+    # the attention's batched products and would convert a bfloat16 cache at every step
+    cross_kv = bart.cross_keys_values(params, config, encoder_hidden, dtype)
+    cross_kv = jax.tree.map(lambda kv: kv.astype(jnp.float32), cross_kv)
+    cache_shape = (rows, config.decoder_attention_heads, config.image_length, config.head_dim)
+    cache_dtype = jnp.float32
+    empty_cache = lambda: tuple(  # noqa: E731
+        jnp.zeros(cache_shape, cache_dtype) for _ in range(config.decoder_layers)
+    )
     sequences = jnp.full((batch, config.image_length + 1), config.decoder_start_token_id, jnp.int32)
     return SamplerState(
         step=jnp.zeros((), jnp.int32),
         sequences=sequences,
-        cache_keys=jnp.zeros(cache_shape, cross_keys.dtype),
-        cache_values=jnp.zeros(cache_shape, cross_keys.dtype),
-        cross_keys=cross_keys,
-        cross_values=cross_values,
-        cross_bias=bart._key_bias(attention_mask),
+        cache_keys=empty_cache(),
+        cache_values=empty_cache(),
+        cross_keys=tuple(keys for keys, _ in cross_kv),
+        cross_values=tuple(values for _, values in cross_kv),
+        cross_bias=bart._key_bias(attention_mask)[:, 0],  # (R', 1, T)
         row_keys=row_keys,
         knobs=knobs,
     )
@@ -130,32 +167,79 @@ def init_state(params, config: bart.DalleBartConfig, input_ids: Array, attention
 
 def run_steps(params, config: bart.DalleBartConfig, state: SamplerState, num_steps: int,
               only_image_codes: bool = True, dtype: Any = jnp.float32) -> SamplerState:  # fmt: skip
-    """Samples the next `num_steps` codes (fewer if the image completes first)."""
+    """Samples the next `num_steps` codes (fewer if the image completes first).
+
+    Pass params through `split_decoder_layers` first (outside `jit`): given stacked layers, the
+    layers are split here, before the loop, which costs a copy of the decoder weights per call.
+    """
+    params = split_decoder_layers(params)
     batch = state.sequences.shape[0]
-    use_uncond = state.cross_keys.shape[1] != batch
+    use_uncond = state.cache_keys[0].shape[0] != batch
+    cross_rows = state.cross_keys[0].shape[0]
+    shared_rows = batch if use_uncond and cross_rows != 2 * batch else 0
 
     def body(state: SamplerState) -> SamplerState:
         step = state.step
         tokens = lax.dynamic_index_in_dim(state.sequences, step, axis=1, keepdims=False)  # (B,)
         if use_uncond:
             tokens = jnp.concatenate([tokens, tokens])
-        logits, (new_keys, new_values) = bart.decode_step(
+        logits, cache = bart.decode_step(
             params, config, tokens, step,
-            (state.cache_keys, state.cache_values),
-            (state.cross_keys, state.cross_values), state.cross_bias, dtype,
+            tuple(zip(state.cache_keys, state.cache_values, strict=False)),
+            tuple(zip(state.cross_keys, state.cross_values, strict=False)), state.cross_bias, dtype,
+            shared_rows,
         )  # fmt: skip
         cond, uncond = (logits[:batch], logits[batch:]) if use_uncond else (logits, None)
         codes = next_codes(cond, uncond, state, config, only_image_codes)
-        write = lambda cache, new: lax.dynamic_update_slice_in_dim(cache, new, step, axis=2)  # noqa: E731
         return state.replace(
             step=step + 1,
             sequences=lax.dynamic_update_index_in_dim(state.sequences, codes, step + 1, axis=1),
-            cache_keys=write(state.cache_keys, new_keys),
-            cache_values=write(state.cache_values, new_values),
+            cache_keys=tuple(keys for keys, _ in cache),
+            cache_values=tuple(values for _, values in cache),
         )
 
     end = jnp.minimum(state.step + num_steps, config.image_length)
     return lax.while_loop(lambda state: state.step < end, body, state)
+
+
+def split_decoder_layers(params: bart.Params) -> bart.Params:
+    """The same tree with the decoder layers as a tuple of per-layer trees.
+
+    `bart.decode_step` accepts either layout. Inside a compiled loop, a layer sliced from the
+    stacked arrays is a copy made at every step (XLA has no views), which on a CPU costs about as
+    much as the step's own reading of the weights; split beforehand, each matrix is read in place.
+    On CPU the pieces are views of the stacked buffers (no memory is added); on accelerators,
+    and under tracing, they are copies.
+    """
+    decoder = params["model"]["decoder"]
+    stacked = bart._layers(params, "decoder")
+    if isinstance(stacked, (tuple, list)):
+        return params
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    pieces = jax.tree.map(lambda leaf: _unstack(leaf, count), stacked)
+    layers = tuple(jax.tree.map(lambda leaf, i=i: leaf[i], pieces, is_leaf=_is_piece_list)
+                   for i in range(count))  # fmt: skip
+    return {
+        **params,
+        "model": {**params["model"],
+                  "decoder": {**decoder, "layers": {"FlaxBartDecoderLayers": layers}}},
+    }  # fmt: skip
+
+
+def _is_piece_list(node) -> bool:
+    return isinstance(node, list)
+
+
+def _unstack(leaf, count: int) -> list:
+    on_cpu = (
+        isinstance(leaf, jax.Array)
+        and not isinstance(leaf, jax.core.Tracer)
+        and all(device.platform == "cpu" for device in leaf.devices())
+    )
+    if on_cpu or isinstance(leaf, np.ndarray):
+        host = np.asarray(leaf)  # on CPU a view of the array's buffer
+        return [jax.device_put(host[i]) for i in range(count)]  # aligned pieces are not copied
+    return [leaf[i] for i in range(count)]
 
 
 def python_run_steps(params, config, state, num_steps, only_image_codes=True, dtype=jnp.float32):

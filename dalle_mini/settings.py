@@ -22,6 +22,10 @@ MAX_SEED = 2**32 - 1
 MAX_IMAGE_INDEX = 2**31 - 1
 MAX_CONDITION_SCALE = 100.0
 MAX_TOP_K = 2**31 - 1
+KNOB_NAMES = frozenset({
+    "num_images", "num_candidates", "seed", "temperature", "top_k", "top_p", "condition_scale",
+    "rerank", "image_indices",
+})  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,20 @@ class GenerationRequest:
     def num_candidates(self) -> int:
         return len(self.image_indices)
 
+    def settings_of(self, candidate: int, model: str, dtype: str) -> ImageSettings:
+        """The settings of this request's `candidate`-th sample (position in image_indices)."""
+        return ImageSettings(
+            prompt=self.prompt,
+            seed=self.seed,
+            image_index=self.image_indices[candidate],
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            condition_scale=self.condition_scale,
+            model=model,
+            dtype=dtype,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageSettings:
@@ -66,7 +84,7 @@ class ImageSettings:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ImageSettings:
-        """Reads settings back (e.g. from the JSON the CLI or the app wrote), checking each value."""
+        """Reads settings back (from the JSON the CLI or the app wrote), checking every value."""
         if not isinstance(values, Mapping):
             raise TypeError(f"settings must be a dict, got {type(values).__name__}")
         names = [field.name for field in dataclasses.fields(cls)]
@@ -158,6 +176,17 @@ def make_request(
     )
 
 
+def prompt_list(prompts: Any) -> list[str]:
+    """A list of prompts from one prompt or a list of them (each checked by `check_prompt`)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"the prompt must be a string or a list of strings, got {prompts!r}")
+    if not prompts:
+        raise ValueError("the list of prompts is empty")
+    return list(prompts)
+
+
 def check_prompt(prompt: Any) -> str:
     if not isinstance(prompt, str):
         raise TypeError(f"the prompt must be a string, got {type(prompt).__name__}")
@@ -175,13 +204,16 @@ def check_int(name: str, value: Any, low: int, high: int) -> int:
     """`value` as an int in [low, high]; whole floats (9.0, as sliders send) are accepted."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if not isinstance(value, numbers.Integral):
-        if not math.isfinite(value) or not float(value).is_integer():
-            raise ValueError(f"{name}={value!r} is not a whole number")
-    value = int(value)
+    is_whole = isinstance(value, numbers.Integral) or (
+        math.isfinite(value) and float(value).is_integer()
+    )
+    if not is_whole:
+        raise ValueError(f"{name}={value!r} is not a whole number")
     if not low <= value <= high:
-        raise ValueError(f"{name}={value} is out of range: expected an integer from {low} to {high}")
-    return value
+        raise ValueError(
+            f"{name}={value!r} is out of range: expected an integer from {low} to {high}"
+        )
+    return int(value)
 
 
 def check_float(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:

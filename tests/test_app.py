@@ -7,7 +7,6 @@ Leaves a screenshot in artifacts/app.png.
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,10 +24,18 @@ from dalle_mini.hub import embedded_folder
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-extensions", "--no-first-run",
-    "--disable-default-apps", "--metrics-recording-only", "--mute-audio",
-]  # fmt: skip
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--no-first-run",
+    "--disable-default-apps",
+    "--metrics-recording-only",
+    "--mute-audio",
+]
 PROMPT = "a red circle on a blue background"
 START_TIMEOUT_S = 300
 
@@ -47,38 +54,42 @@ def app_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`python app.py` in a subprocess; yields (url, model) once it answers, stops it after."""
+    """`python app.py` in a subprocess; yields (url, model, log path) once it answers."""
     model, port = app_model(tmp_path_factory), free_port()
     logs = tmp_path_factory.mktemp("app")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(logs / "gradio")}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(logs / "gradio"),
+    }
     env.pop("SPACE_ID", None)
-    log = open(logs / "app.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "app.py", "--model", model, "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{read(logs / 'app.log')}")
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"app.py did not answer in {START_TIMEOUT_S} s")
-                time.sleep(1)
-        yield url, model, logs / "app.log"
-    finally:
-        process.terminate()
+    command = [sys.executable, "app.py", "--model", model, "--port", str(port)]
+    with open(logs / "app.log", "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            url = wait_until_serving(process, port, logs / "app.log")
+            yield url, model, logs / "app.log"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wait_until_serving(process: subprocess.Popen, port: int, log: Path) -> str:
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while process.poll() is None:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return url
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not answer in {START_TIMEOUT_S} s:\n{read(log)}")
+            time.sleep(1)
+    pytest.fail(f"app.py exited with status {process.returncode}:\n{read(log)}")
 
 
 def read(path: Path) -> str:
@@ -101,8 +112,13 @@ def test_a_visitor_generates_nine_ranked_images(server, tmp_path):
             assert f"Model: {model}:" in page.inner_text("body")  # the model is named
             assert "Limits and biases" in page.inner_text("body")
             page.fill("#prompt textarea", PROMPT)
-            for slider, value in [("temperature", "0.8"), ("top-k", "40"), ("top-p", "0.95"),
-                                  ("condition-scale", "8"), ("candidates", "24")]:  # fmt: skip
+            for slider, value in [
+                ("temperature", "0.8"),
+                ("top-k", "40"),
+                ("top-p", "0.95"),
+                ("condition-scale", "8"),
+                ("candidates", "24"),
+            ]:
                 page.locator(f"#{slider} input[type=range]").fill(value)
             page.fill("#seed input", "11")
             page.evaluate(WATCH_CAPTIONS)

@@ -23,9 +23,24 @@ def model_folder(tmp_path_factory):
 def generated(model_folder, tmp_path_factory):
     """One real run: loads the model named by --model and writes into --out."""
     out = tmp_path_factory.mktemp("out")
-    status = cli.main(["generate", PROMPT, "--num-images", "4", "--num-candidates", "8",
-                       "--seed", "3", "--top-p", "0.9", "--model", str(model_folder),
-                       "--out", str(out)])  # fmt: skip
+    status = cli.main(
+        [
+            "generate",
+            PROMPT,
+            "--num-images",
+            "4",
+            "--num-candidates",
+            "8",
+            "--seed",
+            "3",
+            "--top-p",
+            "0.9",
+            "--model",
+            str(model_folder),
+            "--out",
+            str(out),
+        ]
+    )
     assert status == 0
     return out
 
@@ -62,8 +77,21 @@ def test_generate_writes_the_grid_each_image_and_settings(generated, capsys):
 
 
 def test_generate_shows_progress_and_a_summary(model_folder, tmp_path, capsys, loaded):
-    assert cli.main(["generate", PROMPT, "--num-images", "2", "--num-candidates", "8",
-                     "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "generate",
+                PROMPT,
+                "--num-images",
+                "2",
+                "--num-candidates",
+                "8",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "sampling" in captured.err and "64/64" in captured.err  # the tqdm bar
     assert "2 of 8 candidates" in captured.out and "image_01.png" in captured.out
@@ -71,8 +99,20 @@ def test_generate_shows_progress_and_a_summary(model_folder, tmp_path, capsys, l
 
 
 def test_several_prompts_go_to_numbered_folders(tmp_path, loaded):
-    status = cli.main(["generate", PROMPT, "a purple star", "--num-images", "2",
-                       "--num-candidates", "4", "--out", str(tmp_path), "--quiet"])  # fmt: skip
+    status = cli.main(
+        [
+            "generate",
+            PROMPT,
+            "a purple star",
+            "--num-images",
+            "2",
+            "--num-candidates",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     assert status == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["01", "02"]
     second = json.loads((tmp_path / "02" / "result.json").read_text())
@@ -80,8 +120,12 @@ def test_several_prompts_go_to_numbered_folders(tmp_path, loaded):
 
 
 def test_regenerate_gives_the_same_image(generated, model_folder, tmp_path, loaded):
-    assert cli.main(["regenerate", str(generated / "result.json"), "--image", "3",
-                     "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            ["regenerate", str(generated / "result.json"), "--image", "3", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     assert loaded == [str(model_folder)]  # the model named in the settings
     (written,) = tmp_path.iterdir()
     original = np.asarray(Image.open(generated / "image_03.png"))
@@ -93,9 +137,19 @@ def test_help_documents_every_knob(capsys):
         cli.main(["generate", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
-    for option in ("--num-images", "--num-candidates", "--seed", "--temperature", "--top-k",
-                   "--top-p", "--condition-scale", "--no-rerank", "--model", "--dtype",
-                   "--out"):  # fmt: skip
+    for option in (
+        "--num-images",
+        "--num-candidates",
+        "--seed",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--condition-scale",
+        "--no-rerank",
+        "--model",
+        "--dtype",
+        "--out",
+    ):
         assert option in text
     assert "0 turns it off" in text and "how strongly to follow the prompt" in text
     assert "uncond + condition_scale * (cond - uncond)" in text

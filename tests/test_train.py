@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -47,8 +48,9 @@ def _regression_run(workdir, num_steps, optimizer_config):
             yield {"x": x[indices], "y": y[indices]}
 
     state = common.create_state(jnp.zeros(3), optimizer)
-    return common.run_steps(state, step, batches, num_steps, workdir, {}, name="test",
-                            log_every=1, checkpoint_every=2)  # fmt: skip
+    return common.run_steps(
+        state, step, batches, num_steps, workdir, {}, name="test", log_every=1, checkpoint_every=2
+    )
 
 
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])
@@ -66,7 +68,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, name):
 
 
 def test_gradient_accumulation_updates_every_k_steps():
-    optimizer = common.make_optimizer(common.OptimizerConfig(learning_rate=0.1, warmup_steps=0, accumulation_steps=3), 4)
+    optimizer = common.make_optimizer(
+        common.OptimizerConfig(learning_rate=0.1, warmup_steps=0, accumulation_steps=3), 4
+    )
     state = common.create_state(jnp.ones(2), optimizer)
     for expected_changed in (False, False, True):
         new = common.apply_gradients(state, jnp.ones(2), optimizer)
@@ -75,7 +79,9 @@ def test_gradient_accumulation_updates_every_k_steps():
 
 
 def test_schedule_warms_up_then_decays():
-    schedule = common.learning_rate_schedule(common.OptimizerConfig(learning_rate=1.0, warmup_steps=10), 100)
+    schedule = common.learning_rate_schedule(
+        common.OptimizerConfig(learning_rate=1.0, warmup_steps=10), 100
+    )
     assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.5)
     assert schedule(10) == pytest.approx(1.0) and schedule(99) < 0.1
 
@@ -102,10 +108,15 @@ def test_parquet_round_trip_and_caption_blanking(tmp_path):
     assert read_captions == captions and np.array_equal(read_codes, codes)
     batcher = TextBatcher(_processor(captions), read_captions, read_codes, blank_rate=0.1)
     batches = batcher.batches(100, seed=0)
-    blanked = [np.all(b["input_ids"] == batcher.uncond_ids, axis=1).mean() for b in (next(batches) for _ in range(10))]
+    blanked = [
+        np.all(b["input_ids"] == batcher.uncond_ids, axis=1).mean()
+        for b in (next(batches) for _ in range(10))
+    ]
     assert 0.05 < np.mean(blanked) < 0.15
     with pytest.raises(ValueError, match="lacks column"):
-        pq.write_table(pq.read_table(tmp_path / "part.parquet").drop(["encoding"]), tmp_path / "bad.parquet")
+        pq.write_table(
+            pq.read_table(tmp_path / "part.parquet").drop(["encoding"]), tmp_path / "bad.parquet"
+        )
         read_encoded(tmp_path / "bad.parquet")
 
 
@@ -114,11 +125,18 @@ def test_parquet_round_trip_and_caption_blanking(tmp_path):
 
 def test_vqgan_trainer_loss_falls_and_codebook_is_used(tmp_path):
     images, _ = _world_images(64)
-    model = dataclasses.replace(train_vqgan.embedded_config(32), ch_mult=(1, 1), z_channels=8, n_embed=32, embed_dim=4)
+    model = dataclasses.replace(
+        train_vqgan.embedded_config(32), ch_mult=(1, 1), z_channels=8, n_embed=32, embed_dim=4
+    )
     config = train_vqgan.VQGANTrainConfig(
-        model=model, optimizer=common.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
-        num_steps=24, batch_size=8, restart_every=4, log_every=4, checkpoint_every=24,
-    )  # fmt: skip
+        model=model,
+        optimizer=common.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
+        num_steps=24,
+        batch_size=8,
+        restart_every=4,
+        log_every=4,
+        checkpoint_every=24,
+    )
     vqgan, params = train_vqgan.train(images, config, tmp_path)
     losses = _losses(tmp_path)
     assert losses[-1] < 0.6 * losses[0]
@@ -136,21 +154,33 @@ def test_dallebart_trainer_loss_falls_and_saves_a_loadable_checkpoint(tmp_path):
     processor = _processor(captions)
     model_config = dataclasses.replace(
         train_dallebart.embedded_config(processor.tokenizer.get_vocab_size(), 8, 8, 24),
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2,
-    )  # fmt: skip
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+    )
     config = train_dallebart.DalleBartTrainConfig(
         optimizer=common.OptimizerConfig(learning_rate=1e-2, warmup_steps=2, accumulation_steps=2),
-        num_steps=30, batch_size=16, log_every=5, checkpoint_every=10,
-    )  # fmt: skip
-    model, params, processor = train_dallebart.train(captions, codes, 8, config, tmp_path, processor, model_config)
+        num_steps=30,
+        batch_size=16,
+        log_every=5,
+        checkpoint_every=10,
+    )
+    model, params, processor = train_dallebart.train(
+        captions, codes, 8, config, tmp_path, processor, model_config
+    )
     losses = _losses(tmp_path)
     assert losses[0] > 1.8 and losses[-1] < 0.8 * losses[0]  # log(8) = 2.08 at the start
     train_dallebart.save(tmp_path / "model", model, params, processor)
     loaded, loaded_params = DalleBart.from_pretrained(tmp_path / "model")
     assert loaded.config == model.config
     np.testing.assert_array_equal(loaded_params["lm_head"]["kernel"], params["lm_head"]["kernel"])
-    assert DalleBartProcessor.from_pretrained(tmp_path / "model")("a red square")["input_ids"].shape == (1, 24)
+    assert DalleBartProcessor.from_pretrained(tmp_path / "model")("a red square")[
+        "input_ids"
+    ].shape == (1, 24)
 
 
 def test_clip_trainer_loss_falls_and_saves_open_clip_format(tmp_path):
@@ -159,36 +189,50 @@ def test_clip_trainer_loss_falls_and_saves_open_clip_format(tmp_path):
     images, captions = _world_images(64)
     model = train_clip.embedded_config(32)
     model = dataclasses.replace(
-        model, embed_dim=16, vision=dataclasses.replace(model.vision, width=32, layers=1),
+        model,
+        embed_dim=16,
+        vision=dataclasses.replace(model.vision, width=32, layers=1),
         text=dataclasses.replace(model.text, width=32, heads=1, layers=1, context_length=24),
-    )  # fmt: skip
+    )
     config = train_clip.CLIPTrainConfig(
-        model=model, optimizer=common.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
-        num_steps=20, batch_size=16, log_every=5, checkpoint_every=20,
-    )  # fmt: skip
+        model=model,
+        optimizer=common.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
+        num_steps=20,
+        batch_size=16,
+        log_every=5,
+        checkpoint_every=20,
+    )
     scorer, _ = train_clip.train(images, captions, config, tmp_path)
     losses = _losses(tmp_path)
     assert losses[-1] < 0.8 * losses[0]
     scorer.save_pretrained(tmp_path / "model")
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
     loaded = CLIPScorer.from_pretrained(tmp_path / "model")
-    np.testing.assert_allclose(loaded.score(captions[0], images[:4]), scorer.score(captions[0], images[:4]), rtol=1e-5)
+    np.testing.assert_allclose(
+        loaded.score(captions[0], images[:4]), scorer.score(captions[0], images[:4]), rtol=1e-5
+    )
 
 
 def test_encode_stage_writes_the_original_parquet_format(tmp_path):
     world.write_dataset(tmp_path / "world", 6, 2, 2, size=32)
-    config = dataclasses.replace(train_vqgan.embedded_config(32), ch_mult=(1, 1, 1), z_channels=8, n_embed=16, embed_dim=4)
+    config = dataclasses.replace(
+        train_vqgan.embedded_config(32), ch_mult=(1, 1, 1), z_channels=8, n_embed=16, embed_dim=4
+    )
     vqgan = VQModel(config)
     vqgan.save_pretrained(tmp_path / "vqgan", vqgan.init_params(jax.random.PRNGKey(0)))
     assert cli.main(["encode", "--workdir", str(tmp_path), "--vqgan", str(tmp_path / "vqgan")]) == 0
     table = pq.read_table(tmp_path / "encoded" / "train.parquet")
     assert table.column_names == ["caption", "encoding"]
     assert str(table.schema.field("caption").type) == "string"
-    assert str(table.schema.field("encoding").type) == "list<item: int64>"
+    assert pa.types.is_list(table.schema.field("encoding").type)
+    assert table.schema.field("encoding").type.value_type == pa.int64()
     _, captions, _ = world.load_split(tmp_path / "world", "train")
     assert table.column("caption").to_pylist() == captions
     encodings = table.column("encoding").to_pylist()
-    assert all(len(row) == 64 and 0 <= min(row) and max(row) < 16 for row in encodings)  # 8×8 grid
+    assert all(len(row) == 64 and min(row) >= 0 and max(row) < 16 for row in encodings)  # 8×8 grid
 
 
 def test_cli_names_the_missing_input(tmp_path, capsys):

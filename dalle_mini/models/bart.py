@@ -25,9 +25,9 @@ import dataclasses
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax import lax
 
 Array = jax.Array
@@ -89,7 +89,7 @@ class DalleBartConfig:
         return self.d_model // self.decoder_attention_heads
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DalleBartConfig":
+    def from_dict(cls, values: dict[str, Any]) -> DalleBartConfig:
         """Builds a config from a published config.json, refusing options it cannot honour."""
         for key, accepted in _FIXED_OPTIONS.items():
             if key in values and values[key] != accepted:
@@ -126,7 +126,7 @@ class DalleBartConfig:
         }
 
     @classmethod
-    def mini(cls) -> "DalleBartConfig":
+    def mini(cls) -> DalleBartConfig:
         """`dalle-mini/dalle-mini` (mini-1): 437,833,712 parameters."""
         return cls(
             encoder_vocab_size=50264, image_vocab_size=16384, d_model=1024,
@@ -138,7 +138,7 @@ class DalleBartConfig:
         )  # fmt: skip
 
     @classmethod
-    def mega(cls) -> "DalleBartConfig":
+    def mega(cls) -> DalleBartConfig:
         """`dalle-mini/dalle-mega` (mega-1): 2,587,521,024 parameters."""
         return dataclasses.replace(
             cls.mini(), encoder_vocab_size=50272, image_vocab_size=16415, d_model=2048,
@@ -210,7 +210,9 @@ class Attention(nn.Module):
         self.out_proj = _dense(self.config, d, self.dtype)
 
     def keys_values(self, x: Array) -> tuple[Array, Array]:
-        return _split_heads(self.k_proj(x), self.num_heads), _split_heads(self.v_proj(x), self.num_heads)
+        return _split_heads(self.k_proj(x), self.num_heads), _split_heads(
+            self.v_proj(x), self.num_heads
+        )
 
     def attend(self, x: Array, keys: Array, values: Array, bias: Array) -> Array:
         q = _split_heads(self.q_proj(x), self.num_heads)  # (B, T, H, Dh)
@@ -267,7 +269,9 @@ class EncoderLayer(nn.Module):
     def __call__(self, x: Array, bias: Array) -> Array:
         c = self.config
         h = _layer_norm(self.dtype, use_scale=False)(x)
-        h = Attention(c, c.encoder_attention_heads, self.dtype, name="FlaxBartAttention_0")(h, h, bias)
+        h = Attention(c, c.encoder_attention_heads, self.dtype, name="FlaxBartAttention_0")(
+            h, h, bias
+        )
         x = x + _layer_norm(self.dtype)(h)
         return x + GLU(c, c.encoder_ffn_dim, self.dtype, name="GLU_0")(x)
 
@@ -319,7 +323,7 @@ class DecoderLayer(nn.Module):
         new_kv = attention.keys_values(h)  # (B, H, Dh) each: one token, heads already split
         cache_kv = tuple(
             lax.dynamic_update_index_in_dim(cache, new.astype(cache.dtype), index, axis=2)
-            for cache, new in zip(cache_kv, new_kv)
+            for cache, new in zip(cache_kv, new_kv, strict=False)
         )  # fmt: skip
         x = x + self.LayerNorm_1(attention.attend_one(h, *cache_kv, cache_bias))
         h = self.FlaxBartAttention_1.attend_one(
@@ -341,7 +345,9 @@ class StackEnds(nn.Module):
         init = nn.initializers.normal(self.config.init_std)
         d = self.config.d_model
         self.embed_tokens = nn.Embed(self.vocab_size, d, embedding_init=init, dtype=self.dtype)
-        self.embed_positions = nn.Embed(self.num_positions, d, embedding_init=init, dtype=self.dtype)
+        self.embed_positions = nn.Embed(
+            self.num_positions, d, embedding_init=init, dtype=self.dtype
+        )
         self.layernorm_embedding = _layer_norm(self.dtype)
         self.final_ln = _layer_norm(self.dtype, use_scale=False)
 
@@ -424,7 +430,8 @@ def _lm_head(params: Params, config: DalleBartConfig, hidden: Array, dtype: Any)
 
 
 def decode(params: Params, config: DalleBartConfig, decoder_input_ids: Array,
-           encoder_hidden: Array, attention_mask: Array, dtype: Any = jnp.float32) -> Array:  # fmt: skip
+           encoder_hidden: Array, attention_mask: Array,
+           dtype: Any = jnp.float32) -> Array:  # fmt: skip
     """Teacher-forced logits (B, T, image_vocab_size + 1) for decoder inputs (B, T)."""
     ends = _ends(config, "decoder", dtype)
     decoder = params["model"]["decoder"]
@@ -442,7 +449,12 @@ def decode(params: Params, config: DalleBartConfig, decoder_input_ids: Array,
 
 
 def _layer_params(params: Params, side: str, index: int) -> Params:
-    return jax.tree.map(lambda leaf: leaf[index], _layers(params, side))
+    """One layer's parameters, from the stacked layout or a tuple of layers (as
+    `sampling.split_decoder_layers` makes)."""
+    layers = _layers(params, side)
+    if isinstance(layers, (tuple, list)):
+        return layers[index]
+    return jax.tree.map(lambda leaf: leaf[index], layers)
 
 
 def cross_keys_values(params: Params, config: DalleBartConfig, encoder_hidden: Array,
@@ -457,7 +469,8 @@ def cross_keys_values(params: Params, config: DalleBartConfig, encoder_hidden: A
 
 
 def decode_step(params: Params, config: DalleBartConfig, tokens: Array, index: Array,
-                cache_kv: tuple[tuple[Array, Array], ...], cross_kv: tuple[tuple[Array, Array], ...],
+                cache_kv: tuple[tuple[Array, Array], ...],
+                cross_kv: tuple[tuple[Array, Array], ...],
                 cross_bias: Array, dtype: Any = jnp.float32, shared_rows: int = 0):  # fmt: skip
     """Logits for the token after `tokens` (R,) at position `index`, and the updated cache.
 

@@ -22,11 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from dalle_mini.train import common, world
+from dalle_mini.train import common, train_clip, train_dallebart, train_vqgan, world
 from dalle_mini.train import evaluate as evaluation
-from dalle_mini.train import train_clip, train_dallebart, train_vqgan
 from dalle_mini.train.data import read_encoded, write_encoded
 
 STAGES = ("world", "vqgan", "encode", "dallebart", "clip", "evaluate")
@@ -49,8 +46,14 @@ def tiny_overrides(args) -> None:
 
 
 def stage_world(args) -> dict:
-    world.write_dataset(Path(args.workdir) / "world", args.num_train, args.num_valid, args.num_heldout,
-                        args.image_size, args.seed)  # fmt: skip
+    world.write_dataset(
+        Path(args.workdir) / "world",
+        args.num_train,
+        args.num_valid,
+        args.num_heldout,
+        args.image_size,
+        args.seed,
+    )
     return {}
 
 
@@ -61,18 +64,22 @@ def _vqgan_config(args) -> train_vqgan.VQGANTrainConfig:
             model, ch_mult=(1, 1, 1), z_channels=16, n_embed=64, embed_dim=8
         )
     return train_vqgan.VQGANTrainConfig(
-        model=model, optimizer=_optimizer(args, args.vqgan_lr, min(50, args.vqgan_steps // 5)),
-        num_steps=args.vqgan_steps, batch_size=args.vqgan_batch, seed=args.seed,
-        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-    )  # fmt: skip
+        model=model,
+        optimizer=_optimizer(args, args.vqgan_lr, min(50, args.vqgan_steps // 5)),
+        num_steps=args.vqgan_steps,
+        batch_size=args.vqgan_batch,
+        seed=args.seed,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+    )
 
 
 def stage_vqgan(args) -> dict:
     images, _, _ = world.load_split(Path(args.workdir) / "world", "train")
     model, params = train_vqgan.train(images, _vqgan_config(args), Path(args.workdir) / "vqgan")
     model.save_pretrained(_model_dir(args, "vqgan"), params)
-    valid, _, _ = world.load_split(Path(args.workdir) / "world", "valid")
-    report = train_vqgan.reconstruction_report(model, params, valid)
+    valid, _, scenes = world.load_split(Path(args.workdir) / "world", "valid")
+    report = train_vqgan.reconstruction_report(model, params, valid[:256], scenes[:256])
     (Path(args.workdir) / "vqgan" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"[vqgan] validation: {report}")
     return {"vqgan": report}
@@ -102,16 +109,25 @@ def stage_dallebart(args) -> dict:
         model, init_params = DalleBart.from_pretrained(args.init_from)
         processor, model_config = DalleBartProcessor.from_pretrained(args.init_from), model.config
     config = train_dallebart.DalleBartTrainConfig(
-        optimizer=_optimizer(args, args.dallebart_lr, min(100, args.dallebart_steps // 10),
-                             weight_decay=0.01, name=args.optimizer,
-                             accumulation_steps=args.accumulation_steps),
-        num_steps=args.dallebart_steps, batch_size=args.dallebart_batch,
-        use_bfloat16=args.bf16, seed=args.seed, log_every=args.log_every,
+        optimizer=_optimizer(
+            args,
+            args.dallebart_lr,
+            min(100, args.dallebart_steps // 10),
+            weight_decay=0.01,
+            name=args.optimizer,
+            accumulation_steps=args.accumulation_steps,
+        ),
+        num_steps=args.dallebart_steps,
+        batch_size=args.dallebart_batch,
+        use_bfloat16=args.bf16,
+        seed=args.seed,
+        log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
-    )  # fmt: skip
+    )
     workdir = Path(args.workdir) / "dallebart"
-    model, params, processor = train_dallebart.train(captions, codes, num_codes, config, workdir,
-                                                     processor, model_config, init_params)  # fmt: skip
+    model, params, processor = train_dallebart.train(
+        captions, codes, num_codes, config, workdir, processor, model_config, init_params
+    )
     train_dallebart.save(_model_dir(args, "dallebart"), model, params, processor)
     return {}
 
@@ -121,16 +137,22 @@ def stage_clip(args) -> dict:
     model = train_clip.embedded_config(args.image_size)
     if args.tiny:
         model = dataclasses.replace(
-            model, embed_dim=16,
+            model,
+            embed_dim=16,
             vision=dataclasses.replace(model.vision, width=32, layers=1),
             text=dataclasses.replace(model.text, width=32, heads=1, layers=1),
-        )  # fmt: skip
+        )
     config = train_clip.CLIPTrainConfig(
-        model=model, optimizer=_optimizer(args, args.clip_lr, min(50, args.clip_steps // 5),
-                                          weight_decay=0.05, beta2=0.98),
-        num_steps=args.clip_steps, batch_size=args.clip_batch, seed=args.seed,
-        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-    )  # fmt: skip
+        model=model,
+        optimizer=_optimizer(
+            args, args.clip_lr, min(50, args.clip_steps // 5), weight_decay=0.05, beta2=0.98
+        ),
+        num_steps=args.clip_steps,
+        batch_size=args.clip_batch,
+        seed=args.seed,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+    )
     scorer, _ = train_clip.train(images, captions, config, Path(args.workdir) / "clip")
     scorer.save_pretrained(_model_dir(args, "clip"))
     return {}
@@ -142,10 +164,14 @@ def stage_evaluate(args) -> dict:
         folder if args.models == "embedded" else _models_root(args, folder)
     )
     config = evaluation.EvalConfig(
-        num_prompts=args.eval_prompts, num_candidates=args.eval_candidates, keep=args.eval_keep,
-        condition_scale=args.condition_scale, top_k=args.top_k, temperature=args.temperature,
+        num_prompts=args.eval_prompts,
+        num_candidates=args.eval_candidates,
+        keep=args.eval_keep,
+        condition_scale=args.condition_scale,
+        top_k=args.top_k,
+        temperature=args.temperature,
         seed=args.seed,
-    )  # fmt: skip
+    )
     extra = {}
     for name in ("vqgan/report.json", TIMINGS_NAME):
         path = Path(args.workdir) / name
@@ -197,8 +223,14 @@ def install(args) -> Path:
     return out
 
 
-RUNNERS = {"world": stage_world, "vqgan": stage_vqgan, "encode": stage_encode,
-           "dallebart": stage_dallebart, "clip": stage_clip, "evaluate": stage_evaluate}  # fmt: skip
+RUNNERS = {
+    "world": stage_world,
+    "vqgan": stage_vqgan,
+    "encode": stage_encode,
+    "dallebart": stage_dallebart,
+    "clip": stage_clip,
+    "evaluate": stage_evaluate,
+}
 
 
 def run_stage(args, stage: str) -> None:
@@ -220,9 +252,14 @@ def run_all(args) -> None:
     if args.out:
         print(f"[all] installed the models in {install(args)}")
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-mini-train", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=(*STAGES, "all"))
+    parser.add_argument(
+        "stage",
+        choices=(*STAGES, "all", "install"),
+        help="a stage, `all` of them, or `install` (copy finished models to --out)",
+    )
     parser.add_argument(
         "--workdir", default="runs/embedded", help="where every stage reads and writes"
     )
@@ -237,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--num-valid", type=int, default=1000)
     group.add_argument("--num-heldout", type=int, default=1000)
     group = parser.add_argument_group("vqgan")
-    group.add_argument("--vqgan-steps", type=int, default=600)
+    group.add_argument("--vqgan-steps", type=int, default=1200)
     group.add_argument("--vqgan-batch", type=int, default=8)
     group.add_argument("--vqgan-lr", type=float, default=2e-3)
     group.add_argument(
@@ -287,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.stage == "all":
             run_all(args)
+        elif args.stage == "install":
+            if not args.out:
+                raise ValueError("install needs --out FOLDER (e.g. dalle_mini/assets/embedded)")
+            print(f"installed the models in {install(args)}")
         else:
             run_stage(args, args.stage)
     except (ValueError, FileNotFoundError) as error:

@@ -68,11 +68,15 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     """The optimizer for `total_steps` parameter updates (micro-batches: × accumulation_steps)."""
     schedule = learning_rate_schedule(config, total_steps)
     if config.name == "adamw":
-        core = optax.adamw(schedule, b1=config.beta1, b2=config.beta2,
-                           weight_decay=config.weight_decay)  # fmt: skip
+        core = optax.adamw(
+            schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay
+        )
     elif config.name == "adafactor":
-        core = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
-                               multiply_by_parameter_scale=False)  # fmt: skip
+        core = optax.adafactor(
+            schedule,
+            weight_decay_rate=config.weight_decay or None,
+            multiply_by_parameter_scale=False,
+        )
     else:
         raise ValueError(f"unknown optimizer {config.name!r}; use 'adamw' or 'adafactor'")
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
@@ -200,7 +204,7 @@ def run_steps(
     window: list[dict] = []
     base_key = jax.random.PRNGKey(seed)
     progress = tqdm(total=num_steps, initial=start, desc=name, unit="step", mininterval=5)
-    for step, batch in zip(range(start, num_steps), batches(start)):
+    for step, batch in zip(range(start, num_steps), batches(start), strict=False):
         state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
         if hook is not None:
             state = hook(state, batch, metrics)

@@ -34,10 +34,12 @@ def write_encoded(path: str | os.PathLike, captions: Sequence[str], encodings: n
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({
-        CAPTION_COLUMN: pa.array(list(captions), pa.string()),
-        ENCODING_COLUMN: pa.array(list(encodings.astype(np.int64)), pa.list_(pa.int64())),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            CAPTION_COLUMN: pa.array(list(captions), pa.string()),
+            ENCODING_COLUMN: pa.array(list(encodings.astype(np.int64)), pa.list_(pa.int64())),
+        }
+    )
     pq.write_table(table, path)
     return path
 
@@ -45,7 +47,7 @@ def write_encoded(path: str | os.PathLike, captions: Sequence[str], encodings: n
 def read_encoded(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
 ) -> tuple[list[str], np.ndarray]:
-    """Captions and codes (N, image_length) int32 from one parquet file, a folder of them, or a list."""
+    """Captions and codes (N, image_length) int32 of a parquet file, a folder of them or a list."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
@@ -82,8 +84,13 @@ class TextBatcher:
       blank_rate: fraction of captions replaced by the empty (unconditional) prompt.
     """
 
-    def __init__(self, processor: DalleBartProcessor, captions: Sequence[str], encodings: np.ndarray,
-                 blank_rate: float = 0.1):  # fmt: skip
+    def __init__(
+        self,
+        processor: DalleBartProcessor,
+        captions: Sequence[str],
+        encodings: np.ndarray,
+        blank_rate: float = 0.1,
+    ):
         if not 0.0 <= blank_rate < 1.0:
             raise ValueError(f"blank_rate must be in [0, 1), got {blank_rate}")
         tokens = processor(list(captions))

@@ -32,9 +32,13 @@ from dalle_mini.train.train_vqgan import decode_codes
 
 # (split, attribute) -> least accuracy with reranking (the issue's quality bars).
 QUALITY_BARS = {
-    ("valid", "background"): 0.97, ("valid", "color"): 0.95, ("valid", "kind"): 0.90,
-    ("valid", "position"): 0.90, ("heldout", "color"): 0.80, ("heldout", "kind"): 0.80,
-}  # fmt: skip
+    ("valid", "background"): 0.97,
+    ("valid", "color"): 0.95,
+    ("valid", "kind"): 0.90,
+    ("valid", "position"): 0.90,
+    ("heldout", "color"): 0.80,
+    ("heldout", "kind"): 0.80,
+}
 SPLIT_TITLES = {"valid": "seen pairs (validation)", "heldout": "held-out colour–shape pairs"}
 
 
@@ -66,8 +70,14 @@ class Models:
         part = (lambda c: name) if name == "embedded" else (lambda c: Path(folder) / c)  # noqa: E731
         dallebart, params = DalleBart.from_pretrained(part("dallebart"))
         vqgan, vqgan_params = VQModel.from_pretrained(part("vqgan"))
-        return cls(dallebart, params, DalleBartProcessor.from_pretrained(part("dallebart")), vqgan,
-                   vqgan_params, CLIPScorer.from_pretrained(part("clip")))  # fmt: skip
+        return cls(
+            dallebart,
+            params,
+            DalleBartProcessor.from_pretrained(part("dallebart")),
+            vqgan,
+            vqgan_params,
+            CLIPScorer.from_pretrained(part("clip")),
+        )
 
 
 def generate(
@@ -79,15 +89,20 @@ def generate(
     batch = models.processor(repeated)
     indices = first_index * config.num_candidates + np.arange(len(repeated))
     out = models.dallebart.generate(
-        **batch, prng_key=jax.random.PRNGKey(config.seed), params=models.dallebart_params,
-        condition_scale=config.condition_scale, top_k=config.top_k,
-        temperature=config.temperature, image_indices=indices,
-    )  # fmt: skip
+        **batch,
+        prng_key=jax.random.PRNGKey(config.seed),
+        params=models.dallebart_params,
+        condition_scale=config.condition_scale,
+        top_k=config.top_k,
+        temperature=config.temperature,
+        image_indices=indices,
+    )
     return np.asarray(out.sequences[:, 1:])
 
 
-def evaluate_split(models: Models, captions: list[str], scenes: list[world.Scene], config: EvalConfig,
-                   split: str) -> dict[str, Any]:  # fmt: skip
+def evaluate_split(
+    models: Models, captions: list[str], scenes: list[world.Scene], config: EvalConfig, split: str
+) -> dict[str, Any]:
     """Generates, checks and reranks for the first num_prompts captions of one split."""
     count = min(config.num_prompts, len(captions))
     verdicts_all, verdicts_kept, scores_all, scores_kept, codes_seen, grid = [], [], [], [], [], []
@@ -132,20 +147,43 @@ def check_bars(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for (split, attribute), bar in QUALITY_BARS.items():
         value = results["splits"][split]["accuracy_reranked"].get(attribute)
-        rows.append({"split": split, "attribute": attribute, "bar": bar, "value": value,
-                     "met": value is not None and value >= bar})  # fmt: skip
+        rows.append(
+            {
+                "split": split,
+                "attribute": attribute,
+                "bar": bar,
+                "value": value,
+                "met": value is not None and value >= bar,
+            }
+        )
     for split, numbers in results["splits"].items():
-        worse = [a for a, v in numbers["accuracy_reranked"].items()
-                 if v is not None and v < numbers["accuracy_all"][a]]  # fmt: skip
-        rows.append({"split": split, "attribute": "reranking helps", "bar": None,
-                     "value": {"attributes_worse": worse,
-                               "clip_kept_minus_all": numbers["clip_score_kept"] - numbers["clip_score_all"]},
-                     "met": not worse and numbers["clip_score_kept"] > numbers["clip_score_all"]})  # fmt: skip
+        worse = [
+            a
+            for a, v in numbers["accuracy_reranked"].items()
+            if v is not None and v < numbers["accuracy_all"][a]
+        ]
+        rows.append(
+            {
+                "split": split,
+                "attribute": "reranking helps",
+                "bar": None,
+                "value": {
+                    "attributes_worse": worse,
+                    "clip_kept_minus_all": numbers["clip_score_kept"] - numbers["clip_score_all"],
+                },
+                "met": not worse and numbers["clip_score_kept"] > numbers["clip_score_all"],
+            }
+        )
     return rows
 
 
-def run(models: Models, world_dir: str | Path, out_dir: str | Path, config: EvalConfig,
-        extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def run(
+    models: Models,
+    world_dir: str | Path,
+    out_dir: str | Path,
+    config: EvalConfig,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Evaluates the validation and held-out splits and writes report.json / report.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,15 +207,21 @@ def _percent(value) -> str:
 
 def markdown_report(results: dict[str, Any]) -> str:
     config, splits = results["config"], results["splits"]
-    lines = ["# Evaluation of the embedded models", "",
-             f"{config['num_prompts']} prompts per split, {config['num_candidates']} candidates each, "
-             f"{config['keep']} kept by CLIP; condition_scale {config['condition_scale']}, "
-             f"top_k {config['top_k']}, temperature {config['temperature']}.", "",
-             "| attribute | " + " | ".join(f"{SPLIT_TITLES[s]}: all | reranked" for s in splits) + " |",
-             "|---|" + "---|---|" * len(splits)]  # fmt: skip
+    lines = [
+        "# Evaluation of the embedded models",
+        "",
+        f"{config['num_prompts']} prompts per split, {config['num_candidates']} candidates each, "
+        f"{config['keep']} kept by CLIP; condition_scale {config['condition_scale']}, "
+        f"top_k {config['top_k']}, temperature {config['temperature']}.",
+        "",
+        "| attribute | " + " | ".join(f"{SPLIT_TITLES[s]}: all | reranked" for s in splits) + " |",
+        "|---|" + "---|---|" * len(splits),
+    ]
     for attribute in scene_check.ATTRIBUTES:
-        cells = [f"{_percent(n['accuracy_all'][attribute])} | {_percent(n['accuracy_reranked'][attribute])}"
-                 for n in splits.values()]  # fmt: skip
+        cells = [
+            " | ".join(_percent(n[key][attribute]) for key in ("accuracy_all", "accuracy_reranked"))
+            for n in splits.values()
+        ]
         lines.append(f"| {attribute} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -185,8 +229,10 @@ def markdown_report(results: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for split, n in splits.items():
-        lines.append(f"| {split} | {n['clip_score_all']:.2f} | {n['clip_score_kept']:.2f} | "
-                     f"{n['generated_codes_used']} ({_percent(n['generated_codebook_usage'])}) |")  # fmt: skip
+        lines.append(
+            f"| {split} | {n['clip_score_all']:.2f} | {n['clip_score_kept']:.2f} | "
+            f"{n['generated_codes_used']} ({_percent(n['generated_codebook_usage'])}) |"
+        )
     lines += [
         "",
         "## Quality bars (reranked)",
@@ -196,8 +242,10 @@ def markdown_report(results: dict[str, Any]) -> str:
     ]
     for bar in results["bars"]:
         value = bar["value"] if isinstance(bar["value"], dict) else _percent(bar["value"])
-        lines.append(f"| {bar['split']} | {bar['attribute']} | {_percent(bar['bar'])} | {value} | "
-                     f"{'yes' if bar['met'] else 'NO'} |")  # fmt: skip
+        lines.append(
+            f"| {bar['split']} | {bar['attribute']} | {_percent(bar['bar'])} | {value} | "
+            f"{'yes' if bar['met'] else 'NO'} |"
+        )
     for key in ("vqgan", "timings_s"):
         if key in results:
             lines += ["", f"## {key}", "", "```", json.dumps(results[key], indent=2), "```"]

@@ -96,8 +96,9 @@ def make_step(module: clip.CLIP, optimizer):
     return step
 
 
-def train(images: np.ndarray, captions: list[str], config: CLIPTrainConfig,
-          workdir: str | Path) -> tuple[CLIPScorer, Any]:  # fmt: skip
+def train(
+    images: np.ndarray, captions: list[str], config: CLIPTrainConfig, workdir: str | Path
+) -> tuple[CLIPScorer, Any]:
     """Trains on uint8 images (N, S, S, 3) and their captions; returns a scorer and params."""
     size = config.model.vision.image_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
@@ -121,9 +122,16 @@ def train(images: np.ndarray, captions: list[str], config: CLIPTrainConfig,
 
     info = {"stage": "clip", "model": config.model.to_open_clip()}
     state = common.run_steps(
-        state, make_step(clip.CLIP(config.model), optimizer), batches, config.num_steps, workdir,
-        info, name="clip", seed=config.seed, log_every=config.log_every,
+        state,
+        make_step(clip.CLIP(config.model), optimizer),
+        batches,
+        config.num_steps,
+        workdir,
+        info,
+        name="clip",
+        seed=config.seed,
+        log_every=config.log_every,
         checkpoint_every=config.checkpoint_every,
-    )  # fmt: skip
+    )
     preprocess = PreprocessConfig(image_size=size)
     return CLIPScorer.from_params(config.model, state.params, preprocess), state.params

@@ -31,20 +31,33 @@ from dalle_mini.train import common
 from dalle_mini.train.data import TextBatcher
 
 
-def embedded_config(encoder_vocab_size: int, num_codes: int, image_length: int = 64,
-                    max_text_length: int = 32) -> bart.DalleBartConfig:  # fmt: skip
+def embedded_config(
+    encoder_vocab_size: int, num_codes: int, image_length: int = 64, max_text_length: int = 32
+) -> bart.DalleBartConfig:
     """The embedded DalleBart: d_model 128, 2 encoder and 3 decoder layers (~1.5M parameters).
 
     Token ids follow the published layout: codes are 0..num_codes-1, the decoder start token is
     num_codes and bos = eos = pad is num_codes + 1.
     """
     return bart.DalleBartConfig(
-        encoder_vocab_size=encoder_vocab_size, image_vocab_size=num_codes + 1, d_model=128,
-        encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=384, decoder_ffn_dim=384, decoder_start_token_id=num_codes,
-        bos_token_id=num_codes + 1, eos_token_id=num_codes + 1, pad_token_id=num_codes + 1,
-        max_text_length=max_text_length, image_length=image_length, init_std=0.02, top_k=50,
-    )  # fmt: skip
+        encoder_vocab_size=encoder_vocab_size,
+        image_vocab_size=num_codes + 1,
+        d_model=128,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=384,
+        decoder_ffn_dim=384,
+        decoder_start_token_id=num_codes,
+        bos_token_id=num_codes + 1,
+        eos_token_id=num_codes + 1,
+        pad_token_id=num_codes + 1,
+        max_text_length=max_text_length,
+        image_length=image_length,
+        init_std=0.02,
+        top_k=50,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +123,16 @@ def make_step(model_config: bart.DalleBartConfig, optimizer, use_bfloat16: bool)
     return step
 
 
-def train(captions: list[str], encodings, num_codes: int, config: DalleBartTrainConfig,
-          workdir: str | Path, processor: DalleBartProcessor | None = None,
-          model_config: bart.DalleBartConfig | None = None,
-          init_params: Any = None) -> tuple[DalleBart, Any, DalleBartProcessor]:  # fmt: skip
+def train(
+    captions: list[str],
+    encodings,
+    num_codes: int,
+    config: DalleBartTrainConfig,
+    workdir: str | Path,
+    processor: DalleBartProcessor | None = None,
+    model_config: bart.DalleBartConfig | None = None,
+    init_params: Any = None,
+) -> tuple[DalleBart, Any, DalleBartProcessor]:
     """Trains a DalleBart (the embedded size unless `model_config`) on captions and codes.
 
     A processor is trained from the captions unless given; fine-tuning passes the model's own
@@ -125,9 +144,15 @@ def train(captions: list[str], encodings, num_codes: int, config: DalleBartTrain
     model_config = model_config or embedded_config(
         processor.tokenizer.get_vocab_size(), num_codes, encodings.shape[1], config.max_text_length
     )
+    # config.json must say whether prompts are normalized, as the processor does it
+    model_config = dataclasses.replace(
+        model_config, normalize_text=processor.normalizer is not None
+    )
     if encodings.shape[1] != model_config.image_length or encodings.max() >= model_config.num_codes:
-        raise ValueError(f"codes {encodings.shape} (max {encodings.max()}) do not fit a model of "
-                         f"image_length {model_config.image_length} and {model_config.num_codes} codes")  # fmt: skip
+        raise ValueError(
+            f"codes {encodings.shape} (max {encodings.max()}) do not fit a model of "
+            f"image_length {model_config.image_length} and {model_config.num_codes} codes"
+        )
     processor.save_pretrained(workdir / "processor")
     data = TextBatcher(processor, captions, encodings, config.blank_rate)
     total_updates = max(config.num_steps // config.optimizer.accumulation_steps, 1)
@@ -145,10 +170,17 @@ def train(captions: list[str], encodings, num_codes: int, config: DalleBartTrain
 
     info = {"stage": "dallebart", "model": model_config.to_dict()}
     state = common.run_steps(
-        state, make_step(model_config, optimizer, config.use_bfloat16), batches, config.num_steps,
-        workdir, info, name="dallebart", seed=config.seed, log_every=config.log_every,
+        state,
+        make_step(model_config, optimizer, config.use_bfloat16),
+        batches,
+        config.num_steps,
+        workdir,
+        info,
+        name="dallebart",
+        seed=config.seed,
+        log_every=config.log_every,
         checkpoint_every=config.checkpoint_every,
-    )  # fmt: skip
+    )
     return DalleBart(model_config), state.params, processor
 
 
