@@ -5,9 +5,11 @@
 
 Runs unchanged as a Hugging Face Space (`app.py` + `requirements.txt`): there `SPACE_ID` is set
 and the app listens on 0.0.0.0. A thin layer over `dalle_mini.pipeline.Pipeline`: every request
-goes through Gradio's queue (bounded size, one generation at a time by default), knobs are
-checked by the pipeline (a bad value becomes a gr.Error naming it, never a traceback), and the
-only files served are the ones this app writes for a result.
+goes through Gradio's queue (bounded size, position shown), then through a `Batcher` that
+samples concurrent requests together in one shared batch (`--no-batching`: one at a time).
+Knobs are checked by the pipeline (a bad value becomes a gr.Error naming it, never a
+traceback), the only files served are the ones this app writes for a result, and SIGTERM or
+Ctrl-C finishes the requests in progress before the server stops.
 """
 
 from __future__ import annotations
@@ -18,16 +20,22 @@ import os
 import random
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
 
 from dalle_mini import settings as limits
 from dalle_mini.pipeline import Pipeline
+from dalle_mini.serving import Batcher, ShuttingDown, wait_for_stop, warm_up
 
 LOG = logging.getLogger("dalle_mini.app")
 NUM_IMAGES = 9  # the 3×3 gallery
 DEFAULT_CANDIDATES = 32
+DRAIN_TIMEOUT_S = 120  # on SIGTERM/SIGINT, how long running requests may take to finish
+PUBLISH_GRACE_S = 5.0  # after the last answer: time for clients to fetch its images
+SHUTTING_DOWN = "the server is shutting down; try again in a moment"
 EXAMPLES = [
     "a red circle on a blue background",
     "a big yellow star in the top left corner",
@@ -49,9 +57,25 @@ CSS = "#status {min-height: 1.5em} #gallery img {image-rendering: pixelated}"
 class Generator:
     """The app's request handlers around one pipeline (plain methods, testable without a server)."""
 
-    def __init__(self, pipe: Pipeline, output_root: Path):
+    def __init__(self, pipe: Pipeline, output_root: Path, batcher: Batcher | None = None):
         self.pipe = pipe
         self.output_root = output_root
+        self.batcher = batcher  # None: each request samples alone, one at a time
+        self._active = 0  # requests being handled now
+        self._idle = threading.Condition()
+        self.closing = False  # set on shutdown: new requests are turned away
+
+    def drain(self, timeout: float) -> bool:
+        """Turns new requests away and waits for the ones in progress to be answered."""
+        with self._idle:
+            self.closing = True
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def _updates(self, request):
+        """The request's previews then its Result: through the batcher, or sampled alone."""
+        if self.batcher is not None:
+            return self.batcher.stream(request)
+        return (update for (update,) in self.pipe.stream_requests([request]))
 
     def generate(self, prompt, temperature, top_k, top_p, condition_scale, num_candidates, seed):
         """Yields (gallery, status, grid file, files, settings) while sampling, then the result."""
@@ -69,8 +93,21 @@ class Generator:
             )
         except (TypeError, ValueError) as error:
             raise gr.Error(str(error), title="Cannot generate", print_exception=False) from error
+        with self._idle:
+            if self.closing:
+                raise gr.Error(SHUTTING_DOWN, title="Server busy", print_exception=False)
+            self._active += 1
         try:
-            for (update,) in self.pipe.stream_requests([request]):
+            yield from self._answer(request)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def _answer(self, request):
+        updates = self._updates(request)
+        try:
+            for update in updates:
                 if update.is_preview:
                     caption = f"sampling {update.step}/{update.num_steps}"
                     status = f"Sampling codes: {update.step} of {update.num_steps}…"
@@ -82,9 +119,13 @@ class Generator:
                         [],
                     )
             yield from self._publish(update)
+        except ShuttingDown as error:
+            raise gr.Error(str(error), title="Server busy", print_exception=False) from error
         except Exception as error:  # noqa: BLE001 - one request's failure must not show internals
             LOG.exception("generation failed")
             raise gr.Error("generation failed on the server; try again", title="Error") from error
+        finally:  # a client that left: its request is cancelled and frees its place in a batch
+            updates.close()
 
     def _publish(self, result):
         folder = Path(tempfile.mkdtemp(prefix="result-", dir=self.output_root))
@@ -122,9 +163,16 @@ class Generator:
         return random.randint(0, limits.MAX_SEED)
 
 
-def build_app(pipe: Pipeline, output_root: Path, max_candidates: int = 64) -> gr.Blocks:
-    """The page: prompt and knobs on the left, gallery, downloads and settings on the right."""
-    handlers = Generator(pipe, output_root)
+def build_app(
+    pipe: Pipeline,
+    output_root: Path,
+    max_candidates: int = 64,
+    batcher: Batcher | None = None,
+    handlers: Generator | None = None,
+) -> gr.Blocks:
+    """The page: prompt and knobs on the left, gallery, downloads and settings on the right.
+    With a `batcher`, concurrent requests share sampler batches."""
+    handlers = handlers or Generator(pipe, output_root, batcher)
     config = pipe.model.config
     with gr.Blocks(title="DALL·E Mini", delete_cache=(600, 3600)) as demo:
         gr.Markdown(f"# DALL·E Mini\nText to images, in JAX. Model: **{pipe.describe()}**")
@@ -283,7 +331,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="requests waiting beyond this are turned away (default 16)",
     )
     parser.add_argument(
-        "--concurrency", type=int, default=1, help="generations run at once (default 1)"
+        "--concurrency",
+        type=int,
+        default=None,
+        help="requests handled at once (default 16 with batching, 1 without)",
+    )
+    parser.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="sample each request alone, one at a time (the unbatched server, for comparison)",
+    )
+    parser.add_argument(
+        "--batch-window",
+        type=float,
+        default=0.1,
+        help="seconds to wait for more requests to join a batch (default 0.1)",
+    )
+    parser.add_argument(
+        "--batch-rows",
+        type=int,
+        default=256,
+        help="most candidates sampled in one shared batch (default 256: 8 requests of 32)",
     )
     parser.add_argument(
         "--max-candidates",
@@ -304,6 +372,9 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.max_candidates < NUM_IMAGES:
         raise SystemExit(f"app.py: --max-candidates must be at least {NUM_IMAGES}")
+    if args.batch_rows < 1 or args.batch_window < 0:
+        raise SystemExit("app.py: --batch-rows must be at least 1 and --batch-window at least 0")
+    concurrency = args.concurrency or (1 if args.no_batching else 16)
     try:
         pipe = Pipeline.from_pretrained(
             args.model, dtype=args.dtype, max_candidates=args.max_candidates
@@ -311,12 +382,16 @@ def main(argv=None) -> None:
     except ValueError as error:  # CheckpointError included: missing or mismatched files
         raise SystemExit(f"app.py: cannot load the model {args.model!r}: {error}") from None
     LOG.info("loaded %s", pipe.describe())
-    if not args.no_warmup:  # compile for the default settings, so the first visitor waits less
-        pipe("warm up", num_images=NUM_IMAGES, num_candidates=default_candidates(args))
-        LOG.info("sampler compiled")
+    if not args.no_warmup:  # compile every batch size a visitor can meet, so nobody waits for it
+        candidates = default_candidates(args)
+        warm_up(pipe, candidates, candidates if args.no_batching else args.batch_rows)
+    batcher = None
+    if not args.no_batching:
+        batcher = Batcher(pipe, window_s=args.batch_window, max_rows=args.batch_rows)
     output_root = Path(tempfile.mkdtemp(prefix="dalle-mini-app-"))
-    demo = build_app(pipe, output_root, args.max_candidates)
-    demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
+    handlers = Generator(pipe, output_root, batcher)
+    demo = build_app(pipe, output_root, args.max_candidates, handlers=handlers)
+    demo.queue(max_size=args.max_queue, default_concurrency_limit=concurrency)
     try:
         demo.launch(
             server_name=args.host,
@@ -325,8 +400,18 @@ def main(argv=None) -> None:
             show_error=False,
             css=CSS,
             footer_links=["api"],
+            prevent_thread_lock=True,
         )
+        wait_for_stop()
+        LOG.info("stopping: finishing the requests in progress")
+        if not handlers.drain(DRAIN_TIMEOUT_S):
+            LOG.warning("requests still running after %d s; stopping anyway", DRAIN_TIMEOUT_S)
+        if batcher is not None:
+            batcher.close(timeout=1.0)
+        LOG.info("requests in progress answered; closing the server")
+        time.sleep(PUBLISH_GRACE_S)  # let the clients fetch the last images
     finally:
+        demo.close()
         shutil.rmtree(output_root, ignore_errors=True)
 
 

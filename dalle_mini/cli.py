@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from dalle_mini import settings as limits
+from dalle_mini.compile_cache import enable_compile_cache
 
 _EPILOG = """
 knobs:
@@ -268,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        enable_compile_cache()  # a second run reuses the compiled sampler
         if args.command == "generate":
             generate(args)
         else:
             regenerate(args)
-    except (ValueError, TypeError) as error:  # a bad knob, checkpoint or settings file
+    except (ValueError, TypeError, OSError) as error:  # a bad knob, checkpoint, file or folder
         print(f"dalle-mini {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

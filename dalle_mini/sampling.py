@@ -89,8 +89,10 @@ def _threshold(ranked: Array, k: Array, top_p: Array) -> Array:
 def filter_logits(logits: Array, knobs: Knobs) -> Array:
     """Temperature, then top-k, then top-p (nucleus), as the original's warpers; logits (B, V).
 
-    Both filters come from one descending ranking: the best TOP_K_CAP logits when every row's
-    top-k is that small, else a full sort. Ties at a top-k threshold are all kept.
+    Both filters come from one descending ranking: the best TOP_K_CAP logits for rows whose
+    top-k is that small, a full sort (done only when some row needs it) for the others. The
+    choice is per row, so a row's result never depends on the other rows of its batch. Ties at
+    a top-k threshold are all kept.
     """
     logits = logits / knobs.temperature[:, None]
     vocab = logits.shape[-1]
@@ -99,8 +101,12 @@ def filter_logits(logits: Array, knobs: Knobs) -> Array:
     if vocab <= TOP_K_CAP:
         threshold = full_sort()
     else:
-        partial_sort = lambda: _threshold(lax.top_k(logits, TOP_K_CAP)[0], k, knobs.top_p)  # noqa: E731
-        threshold = lax.cond(jnp.all(k <= TOP_K_CAP), partial_sort, full_sort)
+        is_small = k <= TOP_K_CAP  # (B,)
+        partial = _threshold(
+            lax.top_k(logits, TOP_K_CAP)[0], jnp.minimum(k, TOP_K_CAP), knobs.top_p
+        )
+        full = lax.cond(jnp.all(is_small), lambda: partial, full_sort)
+        threshold = jnp.where(is_small[:, None], partial, full)
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
@@ -118,7 +124,9 @@ def next_codes(logits: Array, uncond_logits: Array | None, state: SamplerState,
     """One step's choice for every row, from raw conditional (and unconditional) logits."""
     if uncond_logits is not None:
         scale = state.knobs.condition_scale[:, None]
-        logits = uncond_logits + scale * (logits - uncond_logits)
+        mixed = uncond_logits + scale * (logits - uncond_logits)
+        # a row at scale 1 keeps its raw logits exactly, batched with other scales or not
+        logits = jnp.where(scale == 1.0, logits, mixed)
     logits = filter_logits(mask_ids(logits, config, only_image_codes), state.knobs)
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.row_keys, state.step)
     return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)

@@ -7,6 +7,7 @@ Leaves a screenshot in artifacts/app.png.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -146,6 +147,27 @@ def test_a_visitor_generates_nine_ranked_images(server, tmp_path):
             browser.close()
 
 
+def test_a_visitor_sees_a_clear_message_for_a_blank_prompt(server):
+    from playwright.sync_api import sync_playwright
+
+    url, _, log = server
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(url)
+            page.wait_for_selector("#prompt textarea")
+            page.fill("#prompt textarea", "   \n  ")
+            page.click("#generate")
+            page.wait_for_function(
+                "document.body.innerText.includes('the prompt is empty')", timeout=30_000
+            )
+            assert "Traceback" not in page.inner_text("body")
+        finally:
+            browser.close()
+    assert "Traceback" not in read(log)
+
+
 # Records every caption the gallery shows, so the test can tell previews appeared.
 WATCH_CAPTIONS = """() => {
   window.seenCaptions = [];
@@ -191,6 +213,40 @@ def test_the_api_answers_and_explains_bad_values(server):
     # Still serving after the bad requests.
     gallery, *_ = client.predict("a purple star", 1.0, 0, 0.9, 10.0, 20, 1, api_name="/generate")
     assert len(gallery) == 9
+
+
+def test_concurrent_requests_share_batches_and_keep_their_pixels(server):
+    """Several people at once: their requests are sampled together, and each gets exactly the
+    images the same request gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    url, _, log = server
+    mine = (PROMPT, 0.9, 50, 1.0, 10.0, 16, 21)
+    others = [("a purple star", 1.2, 0, 0.9, 4.0, 12, s) for s in range(3)]
+
+    def call(inputs):
+        return Client(url, verbose=False).predict(*inputs, api_name="/generate")
+
+    alone = call(mine)
+    with ThreadPoolExecutor(4) as pool:
+        crowd = list(pool.map(call, [*others, mine]))
+    assert all(len(gallery) == 9 for gallery, *_ in crowd)
+    seeds = [inputs[-1] for inputs in [*others, mine]]
+    for (_, status, *_), seed in zip(crowd, seeds, strict=True):
+        assert f"seed {seed}." in status  # each answer went to the one who asked
+    for (image, _), (again, _) in zip(images_of(alone), images_of(crowd[-1]), strict=True):
+        assert (image == again).all()
+    batch_sizes = [int(n) for n in re.findall(r"sampling (\d+) request", log.read_text())]
+    assert max(batch_sizes) >= 2  # at least two of them shared a sampler batch
+
+
+def images_of(prediction):
+    import numpy as np
+
+    gallery, *_ = prediction
+    return [(np.asarray(Image.open(item["image"])), item["caption"]) for item in gallery]
 
 
 def test_only_result_files_are_served(server, tmp_path_factory):

@@ -140,8 +140,8 @@ def test_vqgan_trainer_loss_falls_and_codebook_is_used(tmp_path):
     vqgan, params = train_vqgan.train(images, config, tmp_path)
     losses = _losses(tmp_path)
     assert losses[-1] < 0.6 * losses[0]
-    report = train_vqgan.reconstruction_report(vqgan, params, images[:16])
-    assert report["codebook_usage"] > 0.3  # k-means start + restarts: no collapse onto few codes
+    codes = train_vqgan.encode_images(vqgan, params, images)
+    assert np.unique(codes).size > 0.3 * 32  # k-means start + restarts: no collapse onto few codes
 
 
 def test_dallebart_trainer_loss_falls_and_saves_a_loadable_checkpoint(tmp_path):
@@ -217,7 +217,7 @@ def test_clip_trainer_loss_falls_and_saves_open_clip_format(tmp_path):
 
 
 def test_encode_stage_writes_the_original_parquet_format(tmp_path):
-    world.write_dataset(tmp_path / "world", 6, 2, 2, size=32)
+    world.write_dataset(tmp_path / "world", 4, 4, 4, size=32)  # one batch shape
     config = dataclasses.replace(
         train_vqgan.embedded_config(32), ch_mult=(1, 1, 1), z_channels=8, n_embed=16, embed_dim=4
     )

@@ -9,6 +9,7 @@ holds a config, a compute dtype and the compiled functions.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -114,6 +115,7 @@ class DalleBart:
         params = to_scanned(checkpoint.load_msgpack(weights))
         checkpoint.check_tree(params, model.param_shapes(), weights)
         params = jax.tree.map(jnp.asarray, checkpoint.cast_floating(params, param_dtype))
+        gc.collect()  # the msgpack buffers and numpy copies would otherwise linger (~0.4 GB mini)
         if _do_init:
             model.params = params
             return model
@@ -193,6 +195,12 @@ class DalleBart:
             input_ids_uncond, attention_mask_uncond = self.unconditional_batch(len(input_ids))
         if not use_uncond:
             input_ids_uncond, attention_mask_uncond = input_ids, attention_mask  # unused
+        elif _all_rows_equal(input_ids_uncond) and _all_rows_equal(attention_mask_uncond):
+            # the usual case, every row the empty prompt: encode it once, share its keys/values
+            input_ids_uncond, attention_mask_uncond = (
+                input_ids_uncond[:1],
+                attention_mask_uncond[:1],
+            )
         return self._init_state(
             self._params(params),
             jnp.asarray(input_ids),
@@ -207,7 +215,10 @@ class DalleBart:
     def continue_sampling(self, state, num_steps=None, only_image_codes=True, params=None):
         """Advances the sampler by `num_steps` codes (all remaining by default)."""
         num_steps = self.config.image_length if num_steps is None else int(num_steps)
-        return self._run_steps(self._params(params), state, num_steps, only_image_codes)
+        # per-layer decoder weights: sliced from the stacked arrays inside the loop, each layer
+        # would be copied at every step
+        params = sampling.split_decoder_layers(self._params(params))
+        return self._run_steps(params, state, num_steps, only_image_codes)
 
     def unconditional_batch(self, batch_size: int):
         """Token ids of the empty prompt, `<s></s>` then padding, as the processor makes them."""
@@ -266,6 +277,11 @@ class DalleBart:
         )
         state = self.continue_sampling(state, only_image_codes=only_image_codes, params=params)
         return GenerateOutput(sequences=state.sequences)
+
+
+def _all_rows_equal(rows) -> bool:
+    rows = np.asarray(rows)
+    return bool(np.all(rows == rows[:1]))
 
 
 def validate_knobs(knobs: sampling.Knobs) -> None:

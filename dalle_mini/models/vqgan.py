@@ -66,6 +66,9 @@ class VQGANConfig:
     double_z: bool = False
     resamp_with_conv: bool = True
     give_pre_end: bool = False
+    # taming's GroupNorm uses 32 groups; a narrow model (ch 32) then normalises each channel
+    # alone, which erases flat colours, so small models may use fewer, wider groups
+    norm_groups: int = NUM_GROUPS
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -76,9 +79,9 @@ class VQGANConfig:
                 raise ValueError(f"VQGANConfig.{name} must be a positive integer")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError("VQGANConfig.ch_mult must be a non-empty list of positive integers")
-        if any((self.ch * m) % NUM_GROUPS for m in self.ch_mult):
+        if self.norm_groups < 1 or any((self.ch * m) % self.norm_groups for m in self.ch_mult):
             raise ValueError(
-                f"every ch * ch_mult must be a multiple of {NUM_GROUPS} (the GroupNorm group "
+                f"every ch * ch_mult must be a multiple of {self.norm_groups} (the GroupNorm group "
                 f"count); got ch={self.ch}, ch_mult={list(self.ch_mult)}"
             )
         if self.resolution % self.downsample_factor:
@@ -126,6 +129,8 @@ class VQGANConfig:
         values["ch_mult"] = list(self.ch_mult)
         values["attn_resolutions"] = list(self.attn_resolutions)
         values["num_resolutions"] = self.num_resolutions
+        if self.norm_groups == NUM_GROUPS:
+            del values["norm_groups"]  # published configs do not carry it
         return values
 
     @classmethod

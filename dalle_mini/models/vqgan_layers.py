@@ -27,10 +27,10 @@ GROUP_NORM_EPSILON = 1e-6
 Dtype = Any
 
 
-def _group_norm(dtype: Dtype, name: str) -> nn.GroupNorm:
+def _group_norm(dtype: Dtype, name: str, num_groups: int = NUM_GROUPS) -> nn.GroupNorm:
     # Two-pass variance: E[x²] − E[x]² loses digits on the large activations of the decoder.
     return nn.GroupNorm(
-        num_groups=NUM_GROUPS,
+        num_groups=num_groups,
         epsilon=GROUP_NORM_EPSILON,
         use_fast_variance=False,
         dtype=dtype,
@@ -58,12 +58,13 @@ class ResnetBlock(nn.Module):
     out_channels: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    norm_groups: int = NUM_GROUPS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        h = nn.swish(_group_norm(self.dtype, "norm1")(x))
+        h = nn.swish(_group_norm(self.dtype, "norm1", self.norm_groups)(x))
         h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)  # (B, H, W, C_out)
-        h = nn.swish(_group_norm(self.dtype, "norm2")(h))
+        h = nn.swish(_group_norm(self.dtype, "norm2", self.norm_groups)(h))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
         h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -75,11 +76,12 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over all H×W positions, 1×1 convs for q, k, v and output."""
 
     dtype: Dtype = jnp.float32
+    norm_groups: int = NUM_GROUPS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
-        h = _group_norm(self.dtype, "norm")(x)
+        h = _group_norm(self.dtype, "norm", self.norm_groups)(x)
         q, k, v = (_conv(channels, 1, self.dtype, name)(h) for name in ("q", "k", "v"))
         q, k, v = (t.reshape(batch, height * width, channels) for t in (q, k, v))  # (B, N, C)
         scores = jnp.einsum("bqc,bkc->bqk", q, k) * channels**-0.5  # (B, N, N)
@@ -135,9 +137,15 @@ class ResolutionLevel(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i in range(self.num_blocks):
             name = f"block_{i}"
-            x = ResnetBlock(self.out_channels, self.config.dropout, self.dtype, name=name)(x, train)
+            x = ResnetBlock(
+                self.out_channels,
+                self.config.dropout,
+                self.dtype,
+                self.config.norm_groups,
+                name=name,
+            )(x, train)
             if self.use_attention:
-                x = AttnBlock(self.dtype, name=f"attn_{i}")(x)
+                x = AttnBlock(self.dtype, self.config.norm_groups, name=f"attn_{i}")(x)
         if self.resample == "down":
             x = Downsample(self.config.resamp_with_conv, self.dtype, name="downsample")(x)
         elif self.resample == "up":
@@ -155,9 +163,12 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         channels = x.shape[-1]
-        x = ResnetBlock(channels, self.config.dropout, self.dtype, name="block_1")(x, train)
-        x = AttnBlock(self.dtype, name="attn_1")(x)
-        return ResnetBlock(channels, self.config.dropout, self.dtype, name="block_2")(x, train)
+        groups = self.config.norm_groups
+        x = ResnetBlock(channels, self.config.dropout, self.dtype, groups, name="block_1")(x, train)
+        x = AttnBlock(self.dtype, groups, name="attn_1")(x)
+        return ResnetBlock(channels, self.config.dropout, self.dtype, groups, name="block_2")(
+            x, train
+        )
 
 
 class Encoder(nn.Module):
@@ -184,7 +195,7 @@ class Encoder(nn.Module):
             )(x, train)
             resolution = resolution if is_last else resolution // 2
         x = MidBlock(cfg, self.dtype, name="mid")(x, train)  # (B, h, w, ch * ch_mult[-1])
-        x = nn.swish(_group_norm(self.dtype, "norm_out")(x))
+        x = nn.swish(_group_norm(self.dtype, "norm_out", cfg.norm_groups)(x))
         z_channels = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
         return _conv(z_channels, 3, self.dtype, "conv_out")(x)  # (B, h, w, z_channels)
 
@@ -219,7 +230,7 @@ class Decoder(nn.Module):
             resolution = resolution * 2 if level != 0 else resolution
         if cfg.give_pre_end:
             return x
-        x = nn.swish(_group_norm(self.dtype, "norm_out")(x))
+        x = nn.swish(_group_norm(self.dtype, "norm_out", cfg.norm_groups)(x))
         return _conv(cfg.out_ch, 3, self.dtype, "conv_out")(x)  # (B, H, W, out_ch)
 
 

@@ -41,6 +41,7 @@ def embedded_config(image_size: int = 64) -> VQGANConfig:
         attn_resolutions=(),
         n_embed=512,
         embed_dim=32,
+        norm_groups=8,
     )
 
 
