@@ -218,7 +218,7 @@ def build_app(
                     condition_scale = gr.Slider(
                         1.0,
                         20.0,
-                        value=10.0,
+                        value=pipe.model.config.condition_scale,
                         step=0.5,
                         label="Condition scale",
                         info="how strongly to follow the prompt",

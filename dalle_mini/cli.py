@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--condition-scale",
         type=float,
         metavar="C",
-        default=10.0,
+        default=None,
         help=f"0-{limits.MAX_CONDITION_SCALE:g}; how strongly to follow the prompt "
-        "(super-conditioning; 1 = plain sampling; default 10)",
+        "(super-conditioning; 1 = plain sampling; default: the model's, 3 for the embedded "
+        "model, 10 for the published ones)",
     )
     knobs.add_argument(
         "--no-rerank",

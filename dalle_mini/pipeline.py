@@ -147,7 +147,7 @@ class Pipeline:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        condition_scale: float = 10.0,
+        condition_scale: float | None = None,
         rerank: bool | None = None,
     ) -> Result | list[Result]:
         """Generates images for a prompt (→ Result) or a list of prompts (→ list of Results,
@@ -161,7 +161,9 @@ class Pipeline:
           top_k: sample among the k likeliest codes; None is the model's default (50, as the
             original), 0 turns it off.
           top_p: sample among the likeliest codes holding this probability; None is off.
-          condition_scale: super-conditioning weight, >= 0; 1 is plain sampling.
+          condition_scale: super-conditioning weight, >= 0; 1 is plain sampling; None is the
+            model's default (config.json `condition_scale`: 10 for the published models, 3 for
+            the embedded one).
           rerank: keep CLIP's best (True) or the first `num_images` samples (False);
             None reranks when a CLIP is loaded.
 
@@ -221,6 +223,7 @@ class Pipeline:
         request = make_request(
             prompt,
             default_top_k=self.model.config.top_k,
+            default_condition_scale=self.model.config.condition_scale,
             max_candidates=self.max_candidates,
             **knobs,
         )

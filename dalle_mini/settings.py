@@ -124,9 +124,10 @@ def make_request(
     temperature: Any = 1.0,
     top_k: Any = None,
     top_p: Any = None,
-    condition_scale: Any = 10.0,
+    condition_scale: Any = None,
     rerank: Any = True,
     default_top_k: int = 50,
+    default_condition_scale: float = 10.0,
     image_indices: Sequence[Any] | None = None,
     max_candidates: int = MAX_CANDIDATES,
 ) -> GenerationRequest:
@@ -170,7 +171,9 @@ def make_request(
         temperature=check_float("temperature", temperature, 0.0, math.inf, low_open=True),
         top_k=default_top_k if top_k is None else check_int("top_k", top_k, 0, MAX_TOP_K),
         top_p=1.0 if top_p is None else check_float("top_p", top_p, 0.0, 1.0, low_open=True),
-        condition_scale=check_float("condition_scale", condition_scale, 0.0, MAX_CONDITION_SCALE),
+        condition_scale=default_condition_scale
+        if condition_scale is None
+        else check_float("condition_scale", condition_scale, 0.0, MAX_CONDITION_SCALE),
         rerank=rerank,
         image_indices=indices,
     )

@@ -79,6 +79,9 @@ class DalleBartConfig:
     init_std: float = 0.02
     normalize_text: bool = True
     top_k: int = 50  # what the original samples with when generate() is given top_k=None
+    # what the pipeline samples with when given no condition scale (the published notebook's 10;
+    # a small model trained briefly follows its prompt best at a lower scale)
+    condition_scale: float = 10.0
 
     @property
     def num_codes(self) -> int:

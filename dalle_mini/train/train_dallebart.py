@@ -54,6 +54,7 @@ def embedded_config(
         eos_token_id=num_codes + 1,
         pad_token_id=num_codes + 1,
         max_text_length=max_text_length,
+        condition_scale=3.0,  # measured: at 10 this model's images break up into blobs
         image_length=image_length,
         init_std=0.02,
         top_k=50,
