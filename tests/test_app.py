@@ -122,6 +122,8 @@ def test_a_visitor_generates_nine_ranked_images(server, tmp_path):
             ]:
                 page.locator(f"#{slider} input[type=range]").fill(value)
             page.fill("#seed input", "11")
+            # the gallery may render after the prompt box on a slow machine
+            page.wait_for_selector("#gallery", state="attached", timeout=60_000)
             page.evaluate(WATCH_CAPTIONS)
             page.click("#generate")
             page.wait_for_function(NINE_SCORED, timeout=120_000)
