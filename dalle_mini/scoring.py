@@ -30,13 +30,8 @@ from PIL import Image
 from dalle_mini.checkpoint import cast_floating, read_json
 from dalle_mini.clip_tokenizer import PACKAGED_VOCAB, VOCAB_NAME, CLIPTokenizer
 from dalle_mini.hub import EMBEDDED_NAME, CheckpointError, resolve_folder
-from dalle_mini.models.clip import (
-    CLIP,
-    CLIPConfig,
-    l2_normalize,
-    params_from_state_dict,
-    state_dict_from_params,
-)
+from dalle_mini.models.clip import CLIP, CLIPConfig, l2_normalize
+from dalle_mini.models.clip_weights import params_from_state_dict, state_dict_from_params
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"

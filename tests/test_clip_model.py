@@ -22,8 +22,8 @@ from dalle_mini.models.clip import (
     contrastive_loss,
     init_params,
     param_shapes,
-    params_from_state_dict,
 )
+from dalle_mini.models.clip_weights import params_from_state_dict
 from dalle_mini.scoring import CLIPScorer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "clip-vit"

@@ -1,7 +1,9 @@
 """The training pipeline: each trainer learns at toy size, runs resume, data keeps its format."""
 
+import collections
 import dataclasses
 import json
+import random
 
 import jax
 import jax.numpy as jnp
@@ -183,10 +185,40 @@ def test_dallebart_trainer_loss_falls_and_saves_a_loadable_checkpoint(tmp_path):
     ].shape == (1, 24)
 
 
+def test_hard_negatives_change_one_stated_thing_and_avoid_held_out_pairs():
+    scenes = [world.example(0, split, i)[2] for split in ("train", "heldout") for i in range(150)]
+    rng = random.Random(0)
+    changed = collections.Counter()
+    for scene in scenes:
+        wrong = train_clip.counterfactual(scene, rng)
+        world.validate_scene(wrong)
+        truth = scene.request()
+        assert wrong != truth
+        changed["background"] += wrong.background != truth.background
+        changed["relation"] += wrong.relation != truth.relation
+        for new, old in zip(wrong.objects, truth.objects, strict=True):
+            for attribute in ("color", "kind", "size", "position"):
+                changed[attribute] += getattr(new, attribute) != getattr(old, attribute)
+            if (new.color, new.kind) != (old.color, old.kind):
+                assert (new.color, new.kind) not in world.HELD_OUT_PAIRS
+    # every kind of change occurs
+    assert set(changed) == {"background", "relation", "color", "kind", "size", "position"}
+    assert all(changed.values())
+    texts = train_clip.hard_negative_captions(scenes[:20], 2, seed=0)
+    assert all(len(pair) == 2 for pair in texts)
+    assert all(
+        world.parse_caption(t).request() != s.request()
+        for s, pair in zip(scenes[:20], texts, strict=True)
+        for t in pair
+    )
+
+
 def test_clip_trainer_loss_falls_and_saves_open_clip_format(tmp_path):
     from dalle_mini.scoring import CLIPScorer
 
-    images, captions = _world_images(64)
+    examples = [world.example(0, "train", i, 32) for i in range(64)]
+    images = np.stack([e[0] for e in examples])
+    captions, scenes = [e[1] for e in examples], [e[2] for e in examples]
     model = train_clip.embedded_config(32)
     model = dataclasses.replace(
         model,
@@ -202,7 +234,7 @@ def test_clip_trainer_loss_falls_and_saves_open_clip_format(tmp_path):
         log_every=5,
         checkpoint_every=20,
     )
-    scorer, _ = train_clip.train(images, captions, config, tmp_path)
+    scorer, _ = train_clip.train(images, captions, config, tmp_path, scenes)  # hard negatives on
     losses = _losses(tmp_path)
     assert losses[-1] < 0.8 * losses[0]
     scorer.save_pretrained(tmp_path / "model")

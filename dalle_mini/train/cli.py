@@ -133,7 +133,7 @@ def stage_dallebart(args) -> dict:
 
 
 def stage_clip(args) -> dict:
-    images, captions, _ = world.load_split(Path(args.workdir) / "world", "train")
+    images, captions, scenes = world.load_split(Path(args.workdir) / "world", "train")
     model = train_clip.embedded_config(args.image_size)
     if args.tiny:
         model = dataclasses.replace(
@@ -153,7 +153,7 @@ def stage_clip(args) -> dict:
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
     )
-    scorer, _ = train_clip.train(images, captions, config, Path(args.workdir) / "clip")
+    scorer, _ = train_clip.train(images, captions, config, Path(args.workdir) / "clip", scenes)
     scorer.save_pretrained(_model_dir(args, "clip"))
     return {}
 
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--num-valid", type=int, default=1000)
     group.add_argument("--num-heldout", type=int, default=1000)
     group = parser.add_argument_group("vqgan")
-    group.add_argument("--vqgan-steps", type=int, default=1200)
+    group.add_argument("--vqgan-steps", type=int, default=2400)
     group.add_argument("--vqgan-batch", type=int, default=8)
     group.add_argument("--vqgan-lr", type=float, default=2e-3)
     group.add_argument(
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--accumulation-steps", type=int, default=1)
     group.add_argument("--bf16", action="store_true", help="bfloat16 compute (slower on most CPUs)")
     group = parser.add_argument_group("clip")
-    group.add_argument("--clip-steps", type=int, default=300)
+    group.add_argument("--clip-steps", type=int, default=400)
     group.add_argument("--clip-batch", type=int, default=128)
     group.add_argument("--clip-lr", type=float, default=1e-3)
     group = parser.add_argument_group("evaluate")

@@ -10,7 +10,9 @@ are moved onto encoder outputs of the batch (the "dead code restart" of Jukebox)
 for the last part of training so the codebook settles.
 
 `embedded_config()` is the VQGAN shipped in `dalle_mini/assets/embedded/vqgan`: 64×64 images,
-downsampling 8 (an 8×8 grid, 64 codes per image) and 512 codes of 32 dimensions.
+downsampling 4 (a 16×16 grid, 256 codes per image, as many as the published models) and 1024
+codes of 32 dimensions. Measured: at downsampling 8 the codes could not hold the shapes (the
+scene checker recognised 19% of the kinds in the VQGAN's own reconstructions).
 """
 
 from __future__ import annotations
@@ -31,15 +33,15 @@ DEAD_USAGE = 0.02  # a code whose running count falls below this is restarted
 
 
 def embedded_config(image_size: int = 64) -> VQGANConfig:
-    """The embedded VQGAN: f8 (64×64 → 8×8 codes), 512 codes of 32 dims, 1.1M parameters."""
+    """The embedded VQGAN: f4 (64×64 → 16×16 codes), 1024 codes of 32 dims."""
     return VQGANConfig(
         ch=32,
-        ch_mult=(1, 1, 2, 2),
+        ch_mult=(1, 2, 2),
         num_res_blocks=1,
         resolution=image_size,
         z_channels=64,
         attn_resolutions=(),
-        n_embed=512,
+        n_embed=1024,
         embed_dim=32,
         norm_groups=8,
     )
