@@ -11,7 +11,9 @@ What the original `generate` did (`../shared/dalle-mini-facts.md` §4), reorgani
   logits instead of a full sort of the vocabulary, while k stays a traced value;
 - the knobs (condition scale, temperature, top-k, top-p) are traced per-row arrays, so moving a
   slider never recompiles and rows of one batch may carry different knobs;
-- every row has its own PRNG key, so an image does not depend on what else is in the batch.
+- every row has its own PRNG key, so an image does not depend on what else is in the batch;
+- on CPU at float32 the loop is compiled with YNNPACK's fusions off (`compiler_options`): its
+  few-row matrix products run faster through XLA's other CPU paths.
 
 Per step, as the original: `logits = uncond + condition_scale * (cond - uncond)` on raw logits,
 then (optionally) non-code ids masked, then temperature, top-k, top-p, categorical sampling.
@@ -19,6 +21,7 @@ then (optionally) non-code ids masked, then temperature, top-k, top-p, categoric
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -210,18 +213,20 @@ def run_steps(params, config: bart.DalleBartConfig, state: SamplerState, num_ste
     return lax.while_loop(lambda state: state.step < end, body, state)
 
 
-def split_decoder_layers(params: bart.Params) -> bart.Params:
+def split_decoder_layers(params: bart.Params, only_as_views: bool = False) -> bart.Params:
     """The same tree with the decoder layers as a tuple of per-layer trees.
 
     `bart.decode_step` accepts either layout. Inside a compiled loop, a layer sliced from the
     stacked arrays is a copy made at every step (XLA has no views), which on a CPU costs about as
     much as the step's own reading of the weights; split beforehand, each matrix is read in place.
     On CPU the pieces are views of the stacked buffers (no memory is added); on accelerators,
-    and under tracing, they are copies.
+    and under tracing, they are copies, which `only_as_views` declines (returning `params`).
     """
     decoder = params["model"]["decoder"]
     stacked = bart._layers(params, "decoder")
     if isinstance(stacked, (tuple, list)):
+        return params
+    if only_as_views and not all(_is_on_cpu(leaf) for leaf in jax.tree.leaves(stacked)):
         return params
     count = jax.tree.leaves(stacked)[0].shape[0]
     pieces = jax.tree.map(lambda leaf: _unstack(leaf, count), stacked)
@@ -238,16 +243,46 @@ def _is_piece_list(node) -> bool:
     return isinstance(node, list)
 
 
-def _unstack(leaf, count: int) -> list:
-    on_cpu = (
+def _is_on_cpu(leaf) -> bool:
+    return isinstance(leaf, np.ndarray) or (
         isinstance(leaf, jax.Array)
         and not isinstance(leaf, jax.core.Tracer)
         and all(device.platform == "cpu" for device in leaf.devices())
     )
-    if on_cpu or isinstance(leaf, np.ndarray):
+
+
+def _unstack(leaf, count: int) -> list:
+    if _is_on_cpu(leaf):
         host = np.asarray(leaf)  # on CPU a view of the array's buffer
         return [jax.device_put(host[i]) for i in range(count)]  # aligned pieces are not copied
     return [leaf[i] for i in range(count)]
+
+
+def compiler_options(dtype: Any = jnp.float32) -> dict[str, Any]:
+    """XLA options for the compiled sampling loop on this machine's default backend.
+
+    On CPU, JAX 0.10 hands matrix products to YNNPACK. A sampling step multiplies a few rows
+    (2 per image) by every weight matrix, and at float32 such products run 10-25% faster
+    through XLA's other CPU paths (XNNPACK or Eigen; `bench/README.md` has the figures), with
+    the same sampled codes; at bfloat16 YNNPACK is the faster one. The option only affects the
+    executables it is passed to, never the rest of the process, and is left out where this JAX
+    does not know it.
+    """
+    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
+        return {}
+    return dict(_FLOAT32_CPU_OPTIONS) if _options_supported(_FLOAT32_CPU_OPTIONS) else {}
+
+
+_FLOAT32_CPU_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)  # YNNPACK fusions off
+
+
+@functools.cache
+def _options_supported(options: tuple[tuple[str, Any], ...]) -> bool:
+    try:
+        jax.jit(jnp.negative).lower(jnp.zeros(1)).compile(compiler_options=dict(options))
+    except Exception:  # an option unknown to this XLA: compile as JAX would by default
+        return False
+    return True
 
 
 def python_run_steps(params, config, state, num_steps, only_image_codes=True, dtype=jnp.float32):

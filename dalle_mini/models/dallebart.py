@@ -9,7 +9,6 @@ holds a config, a compute dtype and the compiled functions.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import re
@@ -81,6 +80,7 @@ class DalleBart:
             self._run_steps_fn,
             static_argnames=("num_steps", "only_image_codes"),
             donate_argnames="state",
+            compiler_options=sampling.compiler_options(dtype),
         )
 
     # -- loading and saving ---------------------------------------------------------------
@@ -112,10 +112,11 @@ class DalleBart:
             raise CheckpointError(f"{folder / 'config.json'}: {error}") from error
         model = cls(config, dtype)
         weights = folder / checkpoint.WEIGHTS_NAME
-        params = to_scanned(checkpoint.load_msgpack(weights))
+        # read leaf by leaf into aligned buffers that the CPU device adopts: the weights are
+        # held once while loading, not two or three times
+        params = to_scanned(checkpoint.load_msgpack(weights, dtype=param_dtype))
         checkpoint.check_tree(params, model.param_shapes(), weights)
-        params = jax.tree.map(jnp.asarray, checkpoint.cast_floating(params, param_dtype))
-        gc.collect()  # the msgpack buffers and numpy copies would otherwise linger (~0.4 GB mini)
+        params = checkpoint.to_device(params)
         if _do_init:
             model.params = params
             return model
@@ -201,8 +202,10 @@ class DalleBart:
                 input_ids_uncond[:1],
                 attention_mask_uncond[:1],
             )
+        # per-layer views of the decoder weights (CPU): the prompt's cross-attention keys and
+        # values are then computed without copying each layer's projections out of the stack
         return self._init_state(
-            self._params(params),
+            sampling.split_decoder_layers(self._params(params), only_as_views=True),
             jnp.asarray(input_ids),
             jnp.asarray(attention_mask),
             jnp.asarray(input_ids_uncond),
