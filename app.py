@@ -28,7 +28,13 @@ import gradio as gr
 
 from dalle_mini import settings as limits
 from dalle_mini.pipeline import Pipeline
-from dalle_mini.serving import Batcher, ShuttingDown, wait_for_stop, warm_up
+from dalle_mini.serving import (
+    Batcher,
+    MemoryReleaser,
+    ShuttingDown,
+    wait_for_stop,
+    warm_up,
+)
 
 LOG = logging.getLogger("dalle_mini.app")
 NUM_IMAGES = 9  # the 3×3 gallery
@@ -64,6 +70,7 @@ class Generator:
         self._active = 0  # requests being handled now
         self._idle = threading.Condition()
         self.closing = False  # set on shutdown: new requests are turned away
+        self._release_memory = MemoryReleaser()  # the batcher has its own
 
     def drain(self, timeout: float) -> bool:
         """Turns new requests away and waits for the ones in progress to be answered."""
@@ -103,6 +110,8 @@ class Generator:
             with self._idle:
                 self._active -= 1
                 self._idle.notify_all()
+            if self.batcher is None:
+                self._release_memory()
 
     def _answer(self, request):
         updates = self._updates(request)
@@ -367,6 +376,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def serve(pipe: Pipeline, args: argparse.Namespace, output_root: Path):
+    """The app as `main` serves it, not yet launched: (page, handlers, batcher or None).
+    Gradio's queue holds `--max-queue` requests and runs `--concurrency` handlers at once."""
+    concurrency = args.concurrency or (1 if args.no_batching else 16)
+    batcher = None
+    if not args.no_batching:
+        batcher = Batcher(pipe, window_s=args.batch_window, max_rows=args.batch_rows)
+    handlers = Generator(pipe, output_root, batcher)
+    demo = build_app(pipe, output_root, args.max_candidates, handlers=handlers)
+    demo.queue(max_size=args.max_queue, default_concurrency_limit=concurrency)
+    return demo, handlers, batcher
+
+
+def launch(demo: gr.Blocks, args: argparse.Namespace) -> None:
+    """Starts serving in the background; only the files the app returns are reachable."""
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        allowed_paths=[],
+        show_error=False,
+        css=CSS,
+        footer_links=["api"],
+        prevent_thread_lock=True,
+    )
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -374,7 +409,6 @@ def main(argv=None) -> None:
         raise SystemExit(f"app.py: --max-candidates must be at least {NUM_IMAGES}")
     if args.batch_rows < 1 or args.batch_window < 0:
         raise SystemExit("app.py: --batch-rows must be at least 1 and --batch-window at least 0")
-    concurrency = args.concurrency or (1 if args.no_batching else 16)
     try:
         pipe = Pipeline.from_pretrained(
             args.model, dtype=args.dtype, max_candidates=args.max_candidates
@@ -385,23 +419,10 @@ def main(argv=None) -> None:
     if not args.no_warmup:  # compile every batch size a visitor can meet, so nobody waits for it
         candidates = default_candidates(args)
         warm_up(pipe, candidates, candidates if args.no_batching else args.batch_rows)
-    batcher = None
-    if not args.no_batching:
-        batcher = Batcher(pipe, window_s=args.batch_window, max_rows=args.batch_rows)
     output_root = Path(tempfile.mkdtemp(prefix="dalle-mini-app-"))
-    handlers = Generator(pipe, output_root, batcher)
-    demo = build_app(pipe, output_root, args.max_candidates, handlers=handlers)
-    demo.queue(max_size=args.max_queue, default_concurrency_limit=concurrency)
+    demo, handlers, batcher = serve(pipe, args, output_root)
     try:
-        demo.launch(
-            server_name=args.host,
-            server_port=args.port,
-            allowed_paths=[],
-            show_error=False,
-            css=CSS,
-            footer_links=["api"],
-            prevent_thread_lock=True,
-        )
+        launch(demo, args)
         wait_for_stop()
         LOG.info("stopping: finishing the requests in progress")
         if not handlers.drain(DRAIN_TIMEOUT_S):

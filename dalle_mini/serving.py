@@ -21,7 +21,10 @@ disconnected client) cancels its request; a batch whose callers all left stops e
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import logging
 import queue
 import signal
@@ -76,6 +79,8 @@ class Batcher:
         self._wake = threading.Condition()
         self._closing = False
         self.batches_run = 0  # batches sampled so far (for logs and tests)
+        self.batches_abandoned = 0  # batches stopped early because every caller left
+        self._release_memory = MemoryReleaser()  # between batches, at most every 10 s
         self._worker = threading.Thread(target=self._run, name="dalle-mini-batcher", daemon=True)
         self._worker.start()
 
@@ -132,6 +137,7 @@ class Batcher:
             if batch:
                 self._sample(batch)
                 self.batches_run += 1
+                self._release_memory()
 
     def _gather(self) -> list[Ticket] | None:
         """The next batch (cancelled requests dropped); None once closing with nothing left."""
@@ -179,14 +185,56 @@ class Batcher:
         LOG.info("sampling %d request(s), %d candidates, in one batch", len(tickets), rows)
         updates = self.pipe.stream_requests([t.request for t in tickets], previews=self.previews)
         try:
-            for update in updates:
-                if all(t.cancelled.is_set() for t in tickets):
-                    return  # everyone left: free the sampler for the next batch
+            for done, update in enumerate(updates):
+                if all(t.cancelled.is_set() for t in tickets):  # free the sampler for the next
+                    LOG.info("every caller left: batch stopped after %d update(s)", done)
+                    self.batches_abandoned += 1
+                    return
                 kind = _PREVIEW if update[0].is_preview else _RESULT
                 for ticket, item in zip(tickets, update, strict=True):
                     ticket._send(kind, item)
         finally:
             updates.close()
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    library = ctypes.CDLL(name) if name else None
+    return getattr(library, "malloc_trim", None)
+
+
+def release_free_memory() -> bool:
+    """Returns the memory the C allocator holds free to the system; False where it cannot.
+
+    A server allocates from many threads (Gradio's workers, XLA's), and glibc gives each its own
+    arena; freed blocks stay in those arenas, fragmented, so RSS creeps up while the live data
+    stays flat (a soak measured the arenas about 45% free and growing, and Python's own
+    allocations flat). malloc_trim(0) hands back the free pages of every arena."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+class MemoryReleaser:
+    """Calls `release_free_memory` at most every `interval_s` seconds: a trim takes 10-400 ms
+    on a busy 2-core machine, too long to pay after every request."""
+
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s = interval_s
+        self._last = -float("inf")
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.interval_s:
+                return
+            self._last = now
+        release_free_memory()
 
 
 def warm_up(pipe, candidates: int, max_rows: int) -> None:

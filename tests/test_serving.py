@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from tiny_pipeline import build_tiny_pipeline
 
+from dalle_mini import serving
 from dalle_mini.pipeline import Pipeline
-from dalle_mini.serving import Batcher, ShuttingDown
+from dalle_mini.serving import Batcher, MemoryReleaser, ShuttingDown
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,20 @@ def test_the_batcher_refuses_what_is_not_a_request(pipe):
         batcher.close(timeout=10)
     with pytest.raises(ValueError, match="window_s"):
         Batcher(pipe, window_s=-1)
+
+
+def test_the_worker_hands_free_memory_back_between_batches(pipe, monkeypatch):
+    """Against the RSS creep of a long-running server (glibc arenas filling with free blocks)."""
+    trims = []
+    monkeypatch.setattr(serving, "release_free_memory", lambda: trims.append(1) or True)
+    batcher = Batcher(pipe, window_s=0.0, max_rows=8)
+    batcher._release_memory.interval_s = 0.0
+    try:
+        for seed in range(2):
+            collect(batcher, ask(pipe, seed=seed))
+    finally:
+        assert batcher.close(timeout=60)
+    assert batcher.batches_run == 2 and len(trims) == 2
+    hourly = MemoryReleaser(interval_s=3600)
+    hourly(), hourly()
+    assert len(trims) == 3  # the second call within the hour was skipped
