@@ -359,8 +359,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-rows",
         type=int,
-        default=256,
-        help="most candidates sampled in one shared batch (default 256: 8 requests of 32)",
+        default=64,
+        help="most candidates sampled in one shared batch (default 64: 2 requests of 32; "
+        "larger batches measured slower per image on a 2-core CPU, docs/serving.md)",
     )
     parser.add_argument(
         "--max-candidates",

@@ -177,6 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--window", type=float, default=40.0, help="seconds per level (40)")
     parser.add_argument("--drain", type=float, default=90.0, help="most seconds to finish (90)")
     parser.add_argument("--max-queue", type=int, default=16, help="the app's --max-queue (16)")
+    parser.add_argument("--batch-rows", type=int, help="the batched app's --batch-rows")
     parser.add_argument(
         "--modes", nargs="+", default=["batched", "unbatched"], choices=["batched", "unbatched"]
     )
@@ -187,7 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    flags = {"batched": [], "unbatched": ["--no-batching"]}
+    rows = ["--batch-rows", str(args.batch_rows)] if args.batch_rows else []
+    flags = {"batched": rows, "unbatched": ["--no-batching"]}
     report = {
         "model": args.model,
         "window_s": args.window,
