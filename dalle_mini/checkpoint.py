@@ -113,11 +113,15 @@ def _read_byte(stream) -> int:
     return byte[0]
 
 
-def _read_uint(stream, size: int) -> int:
+def _read_exact(stream, size: int) -> bytes:
     data = stream.read(size)
     if len(data) != size:
         raise _NotPlainTree("truncated")
-    return int.from_bytes(data, "big")
+    return data
+
+
+def _read_uint(stream, size: int) -> int:
+    return int.from_bytes(_read_exact(stream, size), "big")
 
 
 def _length(stream, head: int, fix_low: int, fix_count: int, kinds: tuple[int, ...]) -> int:
@@ -131,10 +135,7 @@ def _length(stream, head: int, fix_low: int, fix_count: int, kinds: tuple[int, .
 
 def _read_str(stream) -> str:
     size = _length(stream, _read_byte(stream), 0xA0, 32, (0xD9, 0xDA, 0xDB, 0xC4, 0xC5, 0xC6))
-    data = stream.read(size)
-    if len(data) != size:
-        raise _NotPlainTree("truncated")
-    return data.decode()
+    return _read_exact(stream, size).decode()
 
 
 def _read_node(stream, head: int, dtype: Any) -> Any:

@@ -198,7 +198,7 @@ class FlaxCLIPBackend:
         self.config, self.preprocess_config, self.tokenizer = config, preprocess, tokenizer
         self.dtype = jnp.dtype(dtype)
         self.module = CLIP(config, dtype=self.dtype)
-        self.params = jax.tree.map(jnp.asarray, cast_floating(params, self.dtype))
+        self.params = cast_floating(params, self.dtype)  # device arrays of self.dtype
 
     @property
     def logit_scale(self) -> float:

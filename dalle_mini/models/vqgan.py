@@ -300,7 +300,7 @@ class VQModel:
         weights_path = folder / WEIGHTS_NAME
         params = load_msgpack(weights_path)
         check_tree(params, model.abstract_params(), weights_path)
-        params = jax.tree_util.tree_map(jnp.asarray, cast_floating(params, np.float32))
+        params = cast_floating(params, np.float32)  # device arrays, float16 files as float32
         if _do_init:
             model.params = params
             return model
