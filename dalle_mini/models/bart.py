@@ -186,16 +186,28 @@ def _softmax_attend(q: Array, keys: Array, values: Array, bias: Array) -> Array:
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(values.dtype), values)
 
 
-def _attend_one(q: Array, keys: Array, values: Array, bias: Array) -> Array:
-    """One query per row against heads-first keys/values: q (B, H, Dh), keys and values
-    (B, H, S, Dh), or (H, S, Dh) shared by every row; bias broadcasts to (B, H, S)."""
+def _attend_one(q: Array, keys, values, bias) -> Array:
+    """One query per row against heads-first keys/values held in one or more blocks of
+    positions: q (B, H, Dh); keys and values each a tuple of blocks (B, H, S_j, Dh), or
+    (H, S_j, Dh) shared by every row; bias a tuple with, per block, None (every position
+    visible) or an array broadcasting to (B, H, S_j). The softmax runs over all blocks together;
+    each block is read whole, in place (a slice of one big array would be copied first)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    rows = "bhsd" if keys.ndim == 4 else "hsd"
-    scores = jnp.einsum(f"bhd,{rows}->bhs", q * scale, keys,
-                        preferred_element_type=jnp.float32)  # (B, H, S)  # fmt: skip
-    weights = jax.nn.softmax(scores + bias, axis=-1).astype(values.dtype)
-    return jnp.einsum(f"bhs,{rows}->bhd", weights, values,
-                      preferred_element_type=jnp.float32).astype(q.dtype)  # (B, H, Dh)  # fmt: skip
+    rows = "bhsd" if keys[0].ndim == 4 else "hsd"
+    scores = []
+    for block_keys, block_bias in zip(keys, bias, strict=True):
+        block = jnp.einsum(f"bhd,{rows}->bhs", q * scale, block_keys,
+                           preferred_element_type=jnp.float32)  # (B, H, S_j)  # fmt: skip
+        scores.append(block if block_bias is None else block + block_bias)
+    weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0],
+                             axis=-1).astype(values[0].dtype)  # fmt: skip
+    parts, start = [], 0
+    for block_values in values:
+        length = block_values.shape[-2]
+        parts.append(jnp.einsum(f"bhs,{rows}->bhd", weights[..., start : start + length],
+                                block_values, preferred_element_type=jnp.float32))  # fmt: skip
+        start += length
+    return sum(parts[1:], parts[0]).astype(q.dtype)  # (B, H, Dh)
 
 
 class Attention(nn.Module):
@@ -240,12 +252,18 @@ class Attention(nn.Module):
         if shared_rows:
             own = x.shape[0] - shared_rows
             context = jnp.concatenate([
-                _attend_one(q[:own], keys[:own], values[:own], bias[:own]),
-                _attend_one(q[own:], keys[own], values[own], bias[own]),
+                _attend_one(q[:own], (keys[:own],), (values[:own],), (bias[:own],)),
+                _attend_one(q[own:], (keys[own],), (values[own],), (bias[own],)),
             ])  # fmt: skip
         else:
-            context = _attend_one(q, keys, values, bias)  # (B, H, Dh)
+            context = _attend_one(q, (keys,), (values,), (bias,))  # (B, H, Dh)
         return self.out_proj(context.reshape(x.shape))
+
+    def attend_one_blocks(self, x: Array, keys: tuple[Array, ...], values: tuple[Array, ...],
+                          bias: tuple[Array | None, ...]) -> Array:  # fmt: skip
+        """One token per row, x (B, D), against keys/values in blocks (B, H, S_j, Dh) each."""
+        q = self.q_proj(x).reshape(x.shape[0], self.num_heads, -1)  # (B, H, Dh)
+        return self.out_proj(_attend_one(q, keys, values, bias).reshape(x.shape))
 
 
 class GLU(nn.Module):
@@ -313,27 +331,31 @@ class DecoderLayer(nn.Module):
         x = x + self.LayerNorm_1(h)
         return self._cross_and_ffn(x, self.cross_keys_values(encoder_hidden), cross_bias)
 
-    def step(self, x: Array, index: Array, cache_kv, cache_bias: Array, cross_kv,
+    def step(self, x: Array, offset: Array, cache_kv, cache_bias: Array, cross_kv,
              cross_bias: Array, shared_rows: int = 0):  # fmt: skip
-        """One new token per row, x (B, D), at position `index`.
+        """One new token per row, x (B, D).
 
-        Writes this token's key and value into the layer's cache (B, H, S, Dh) at `index`,
-        attends over the cache (positions > index masked by `cache_bias`), then over the prompt.
-        Returns the hidden state and the updated (keys, values).
+        `cache_kv` is (key blocks, value blocks): the blocks of this layer's cache (B, H, S_j, Dh)
+        from the first position up to the block this token goes in, the last one. The token's
+        key and value are written there at `offset`; the earlier blocks are all visible and the
+        last one is masked past `offset` by `cache_bias` (S_last,). Then attends over the prompt.
+        Returns the hidden state and the updated last (keys, values) block.
         """
         attention = self.FlaxBartAttention_0
         h = self.LayerNorm_0(x)
         new_kv = attention.keys_values(h)  # (B, H, Dh) each: one token, heads already split
-        cache_kv = tuple(
-            lax.dynamic_update_index_in_dim(cache, new.astype(cache.dtype), index, axis=2)
-            for cache, new in zip(cache_kv, new_kv, strict=False)
+        last = tuple(
+            lax.dynamic_update_index_in_dim(blocks[-1], new.astype(blocks[-1].dtype), offset, 2)
+            for blocks, new in zip(cache_kv, new_kv, strict=True)
         )  # fmt: skip
-        x = x + self.LayerNorm_1(attention.attend_one(h, *cache_kv, cache_bias))
+        keys, values = (blocks[:-1] + (new,) for blocks, new in zip(cache_kv, last, strict=True))
+        bias = (None,) * (len(keys) - 1) + (cache_bias,)
+        x = x + self.LayerNorm_1(attention.attend_one_blocks(h, keys, values, bias))
         h = self.FlaxBartAttention_1.attend_one(
             self.LayerNorm_2(x), *cross_kv, cross_bias, shared_rows
         )
         x = x + self.LayerNorm_3(h)
-        return x + self.GLU_0(x), cache_kv
+        return x + self.GLU_0(x), last
 
 
 class StackEnds(nn.Module):
@@ -472,31 +494,36 @@ def cross_keys_values(params: Params, config: DalleBartConfig, encoder_hidden: A
 
 
 def decode_step(params: Params, config: DalleBartConfig, tokens: Array, index: Array,
-                cache_kv: tuple[tuple[Array, Array], ...],
+                cache_kv: tuple[tuple[tuple[Array, ...], tuple[Array, ...]], ...],
                 cross_kv: tuple[tuple[Array, Array], ...],
                 cross_bias: Array, dtype: Any = jnp.float32, shared_rows: int = 0):  # fmt: skip
     """Logits for the token after `tokens` (R,) at position `index`, and the updated cache.
 
     Args:
-      cache_kv: per layer, self-attention (keys, values) (R, H, S, Dh), filled below `index`;
-        this token's key and value are written at `index` (in place inside a compiled loop).
+      cache_kv: per layer, self-attention (key blocks, value blocks): the layer's cache split
+        along positions into blocks of one length, (R, H, S_block, Dh) each, from position 0
+        up to the block holding `index` (the blocks after it are not read). This token's key
+        and value are written into that last block (in place inside a compiled loop).
       cross_kv: per layer, from `cross_keys_values`; cross_bias (R', 1, T): 0 or -inf per
         prompt position, one row per cross_kv row.
       shared_rows: when > 0, the last `shared_rows` rows share the last cross_kv row.
     Returns:
-      logits (R, image_vocab_size + 1) in float32 and the cache, as `cache_kv`.
+      logits (R, image_vocab_size + 1) in float32 and, per layer, the updated last
+      (keys, values) block.
     """
     ends = _ends(config, "decoder", dtype)
     decoder = params["model"]["decoder"]
     positions = jnp.broadcast_to(index, tokens.shape)
     hidden = ends.apply({"params": decoder}, tokens, positions, method=StackEnds.embed)  # (R, D)
-    cache_length = cache_kv[0][0].shape[2]
-    cache_bias = jnp.where(jnp.arange(cache_length) <= index, 0.0, _NEG_INF)  # (S,)
+    block_keys = cache_kv[0][0]
+    block_length = block_keys[-1].shape[2]
+    offset = index - (len(block_keys) - 1) * block_length
+    cache_bias = jnp.where(jnp.arange(block_length) <= offset, 0.0, _NEG_INF)  # (S_block,)
     layer = DecoderLayer(config, dtype)
     new_cache = []
     for i in range(config.decoder_layers):  # unrolled: each layer's cache is read in place
         hidden, layer_cache = layer.apply(
-            {"params": _layer_params(params, "decoder", i)}, hidden, index, cache_kv[i],
+            {"params": _layer_params(params, "decoder", i)}, hidden, offset, cache_kv[i],
             cache_bias, cross_kv[i], cross_bias, shared_rows, method=DecoderLayer.step,
         )  # fmt: skip
         new_cache.append(layer_cache)

@@ -75,7 +75,9 @@ class DalleBart:
         self.params = None  # set by from_pretrained(..., _do_init=True)
         self._encode = jax.jit(lambda p, ids, mask: bart.encode(p, config, ids, mask, dtype))
         self._forward = jax.jit(self._forward_fn)
-        self._init_state = jax.jit(self._init_state_fn, static_argnames="use_uncond")
+        self._init_state = jax.jit(
+            self._init_state_fn, static_argnames=("use_uncond", "block_length")
+        )
         self._run_steps = jax.jit(
             self._run_steps_fn,
             static_argnames=("num_steps", "only_image_codes"),
@@ -167,13 +169,15 @@ class DalleBart:
     # -- sampling -----------------------------------------------------------------------------
 
     def _init_state_fn(
-        self, params, ids, mask, uncond_ids, uncond_mask, row_keys, knobs, use_uncond
-    ):
+        self, params, ids, mask, uncond_ids, uncond_mask, row_keys, knobs, use_uncond,
+        block_length=None,
+    ):  # fmt: skip
         if not use_uncond:
             uncond_ids = uncond_mask = None
         return sampling.init_state(
-            params, self.config, ids, mask, row_keys, knobs, uncond_ids, uncond_mask, self.dtype
-        )
+            params, self.config, ids, mask, row_keys, knobs, uncond_ids, uncond_mask, self.dtype,
+            block_length,
+        )  # fmt: skip
 
     def _run_steps_fn(self, params, state, num_steps, only_image_codes):
         return sampling.run_steps(
@@ -189,8 +193,11 @@ class DalleBart:
         input_ids_uncond=None,
         attention_mask_uncond=None,
         params=None,
+        block_length=None,
     ) -> sampling.SamplerState:
-        """The sampler's first state. Unconditional rows run only where some scale is not 1."""
+        """The sampler's first state. Unconditional rows run only where some scale is not 1.
+        `block_length`: positions per block of the self-attention cache (default
+        `sampling.cache_block_length`); it changes the speed, not the codes."""
         use_uncond = bool(np.any(np.asarray(knobs.condition_scale) != 1.0))
         if use_uncond and input_ids_uncond is None:
             input_ids_uncond, attention_mask_uncond = self.unconditional_batch(len(input_ids))
@@ -213,6 +220,7 @@ class DalleBart:
             row_keys,
             knobs,
             use_uncond=use_uncond,
+            block_length=block_length,
         )
 
     def continue_sampling(self, state, num_steps=None, only_image_codes=True, params=None):
