@@ -232,11 +232,16 @@ class Pipeline:
         return request
 
     def stream_requests(
-        self, requests: Sequence[GenerationRequest], previews: bool = True
-    ) -> Iterator[list[Any]]:
+        self, requests: Sequence[GenerationRequest], previews: bool = True,
+        defer_finish: bool = False,
+    ) -> Iterator[list[Any]]:  # fmt: skip
         """Samples many requests in one batch. Yields, every `preview_rows` rows of codes, a
         list of `Preview`s (one per request; `previews=False` skips them), then a list of
-        `Result`s. Each request keeps its own prompt, seed and knobs."""
+        `Result`s. Each request keeps its own prompt, seed and knobs.
+
+        With `defer_finish`, the last list holds, instead of each `Result`, a function of no
+        arguments that makes it (decodes, scores and ranks that request's candidates): a server
+        runs them in each request's own thread while the next batch is sampled."""
         if not requests:
             raise ValueError("no requests given")
         for request in requests:
@@ -264,7 +269,10 @@ class Pipeline:
             if previews and step < image_length:
                 yield [self._preview(r, c, step) for r, c in split_rows(codes, requests)]
         # 4.–6. decode, score and rank, per request.
-        yield [self._finish(r, c) for r, c in split_rows(codes, requests)]
+        if defer_finish:
+            yield [functools.partial(self._finish, r, c) for r, c in split_rows(codes, requests)]
+        else:
+            yield [self._finish(r, c) for r, c in split_rows(codes, requests)]
 
     # -- the steps -------------------------------------------------------------------------------
 

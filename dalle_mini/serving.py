@@ -4,9 +4,10 @@ Web handlers run in many threads, each with one `GenerationRequest`. `Batcher.st
 hands the request to a single worker thread and yields what the pipeline makes for it: the
 previews, then the `Result`. The worker waits a short window after the first pending request
 for others to arrive, samples up to `max_rows` candidates of them together with
-`Pipeline.stream_requests`, and routes each request's previews and result back to its caller.
-Every candidate keeps its own PRNG key and is decoded alone, so a request gets the same pixels
-batched or alone.
+`Pipeline.stream_requests`, and routes each request's previews back to its caller, then the
+work that finishes it (decoding, CLIP scoring, ranking), which the caller's own thread does
+while the worker samples the next batch. Every candidate keeps its own PRNG key and is decoded
+alone, so a request gets the same pixels batched or alone.
 
     batcher = Batcher(pipe, window_s=0.05, max_rows=256)
     for update in batcher.stream(pipe.request("a red circle", seed=3)):
@@ -14,7 +15,8 @@ batched or alone.
     batcher.close()                           # refuses new requests, finishes the queued ones
 
 Faults stay local: when a shared batch raises, each of its requests is sampled again alone, so
-only the one that fails gets the error. A caller that stops listening (a closed generator, a
+only the one that fails gets the error; a request whose finishing raises fails alone, in its
+caller's thread. A caller that stops listening (a closed generator, a
 disconnected client) cancels its request; a batch whose callers all left stops early.
 """
 
@@ -37,7 +39,7 @@ from dalle_mini.batching import batch_size_for
 from dalle_mini.settings import GenerationRequest
 
 LOG = logging.getLogger("dalle_mini.serving")
-_PREVIEW, _RESULT, _ERROR = "preview", "result", "error"
+_PREVIEW, _FINISH, _ERROR = "preview", "finish", "error"
 
 
 class ShuttingDown(RuntimeError):
@@ -115,9 +117,10 @@ class Batcher:
                     kind, value = update
                 if kind == _ERROR:
                     raise value
-                yield value
-                if kind == _RESULT:
+                if kind == _FINISH:  # decode, score and rank here, in the caller's thread
+                    yield value()
                     return
+                yield value
         finally:
             ticket.cancel()
 
@@ -183,14 +186,18 @@ class Batcher:
     def _stream(self, tickets: Sequence[Ticket]) -> None:
         rows = sum(t.request.num_candidates for t in tickets)
         LOG.info("sampling %d request(s), %d candidates, in one batch", len(tickets), rows)
-        updates = self.pipe.stream_requests([t.request for t in tickets], previews=self.previews)
+        # the batch's last update carries, per request, the function that finishes it (decode,
+        # score, rank): each caller runs its own, so this worker samples the next batch meanwhile
+        updates = self.pipe.stream_requests(
+            [t.request for t in tickets], previews=self.previews, defer_finish=True
+        )
         try:
             for done, update in enumerate(updates):
                 if all(t.cancelled.is_set() for t in tickets):  # free the sampler for the next
                     LOG.info("every caller left: batch stopped after %d update(s)", done)
                     self.batches_abandoned += 1
                     return
-                kind = _PREVIEW if update[0].is_preview else _RESULT
+                kind = _FINISH if callable(update[0]) else _PREVIEW
                 for ticket, item in zip(tickets, update, strict=True):
                     ticket._send(kind, item)
         finally:

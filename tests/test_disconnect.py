@@ -37,11 +37,11 @@ class PacedPipeline(Pipeline):
     batches: list[dict]
     hung_up: threading.Event
 
-    def stream_requests(self, requests, previews=True):
+    def stream_requests(self, requests, previews=True, **options):
         record = {"prompts": [r.prompt for r in requests], "updates": 0, "finished": False}
         self.batches.append(record)
         is_slow = any(r.prompt.startswith(SLOW_PREFIX) for r in requests)
-        for update in super().stream_requests(requests, previews=previews):
+        for update in super().stream_requests(requests, previews=previews, **options):
             record["updates"] += 1
             yield update
             if is_slow:

@@ -7,6 +7,7 @@ Requests stay at 8 candidates or fewer in all, so every batch uses the one compi
 
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -112,16 +113,50 @@ def test_an_exception_fails_only_its_request(pipe, monkeypatch):
         assert batcher.close(timeout=60)
 
 
+def test_the_next_batch_is_sampled_while_a_caller_finishes_its_own(pipe, monkeypatch):
+    """Decoding, scoring and ranking run in each caller's thread: a request whose scoring is
+    slow does not hold up the next batch, and gets its own result once its scoring ends."""
+    real_score, release = pipe.score, threading.Event()
+
+    def score(prompt, images):
+        if prompt == "slow to score":
+            assert release.wait(60)
+        return real_score(prompt, images)
+
+    monkeypatch.setattr(pipe, "score", score)
+    batcher = Batcher(pipe, window_s=0.0, max_rows=2)  # one request per batch
+    outcome = {}
+    slow = threading.Thread(
+        target=lambda: outcome.update(slow=collect(batcher, ask(pipe, "slow to score")))
+    )
+    try:
+        slow.start()
+        deadline = time.monotonic() + 60
+        while batcher.batches_run < 1:  # the slow request is sampled, its finishing handed over
+            assert time.monotonic() < deadline, "the worker waited for the caller's finishing"
+            time.sleep(0.01)
+        later = collect(batcher, ask(pipe, "asked later", seed=4))[-1]
+        assert later.prompt == "asked later" and "slow" not in outcome
+        assert batcher.batches_run == 2
+        release.set()
+        slow.join(60)
+        assert outcome["slow"][-1].prompt == "slow to score"
+        assert len(outcome["slow"][-1].images) == 2
+    finally:
+        release.set()
+        assert batcher.close(timeout=60)
+
+
 class CountingPipe:
     """The pipeline, counting the updates each batch produced and whether it was cut short."""
 
     def __init__(self, pipe):
         self.pipe, self.batches = pipe, []
 
-    def stream_requests(self, requests, previews=True):
+    def stream_requests(self, requests, previews=True, **options):
         record = {"prompts": [r.prompt for r in requests], "updates": 0, "finished": False}
         self.batches.append(record)
-        for update in self.pipe.stream_requests(requests, previews=previews):
+        for update in self.pipe.stream_requests(requests, previews=previews, **options):
             record["updates"] += 1
             yield update
         record["finished"] = True
@@ -153,8 +188,8 @@ def test_close_finishes_queued_requests_and_refuses_new_ones(pipe):
         updates = []
         while not ticket.updates.empty():
             updates.append(ticket.updates.get())
-        kind, result = updates[-1]
-        assert kind == "result" and result.prompt == f"queued {index}"
+        kind, finish = updates[-1]  # sampled; decoding and ranking are the caller's part
+        assert kind == "finish" and finish().prompt == f"queued {index}"
     with pytest.raises(ShuttingDown, match="shutting down"):
         batcher.submit(ask(pipe))
 
