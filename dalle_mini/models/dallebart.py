@@ -197,7 +197,8 @@ class DalleBart:
     ) -> sampling.SamplerState:
         """The sampler's first state. Unconditional rows run only where some scale is not 1.
         `block_length`: positions per block of the self-attention cache (default
-        `sampling.cache_block_length`); it changes the speed, not the codes."""
+        `sampling.cache_block_length`); it changes the speed, and the codes only through
+        float rounding (the tests find them identical)."""
         use_uncond = bool(np.any(np.asarray(knobs.condition_scale) != 1.0))
         if use_uncond and input_ids_uncond is None:
             input_ids_uncond, attention_mask_uncond = self.unconditional_batch(len(input_ids))
