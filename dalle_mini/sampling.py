@@ -9,8 +9,9 @@ What the original `generate` did (`../shared/dalle-mini-facts.md` §4), reorgani
   (5/8 of the cache on average with four blocks, instead of all of it at every step; small
   decoders only, where the cache is most of a step's reading);
 - the self-attention cache is written in place, one position per step, and every decoder
-  weight matrix is read in place (`split_decoder_layers`; layout and reasons: `models/bart.py`,
-  `decode_step`), so a step moves little more than the weights and the cache once;
+  weight matrix is read in place (`split_decoder_layers`; layout and reasons:
+  `models/bart_stacks.py`, `decode_step`), so a step moves little more than the weights and
+  the cache once;
 - top-k up to `TOP_K_CAP` (the default is 50) takes a partial sort (`lax.top_k`) of the
   logits instead of a full sort of the vocabulary, while k stays a traced value, and the draw
   is made among those best ids only (`draw`), not over the whole vocabulary;
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dalle_mini.models import bart
+from dalle_mini.models import bart, bart_stacks
 
 Array = jax.Array
 
@@ -209,10 +210,10 @@ def init_state(params, config: bart.DalleBartConfig, input_ids: Array, attention
         input_ids = jnp.concatenate([input_ids, uncond_ids], axis=0)
         attention_mask = jnp.concatenate([attention_mask, uncond_mask], axis=0)
         rows = 2 * batch
-    encoder_hidden = bart.encode(params, config, input_ids, attention_mask, dtype)
+    encoder_hidden = bart_stacks.encode(params, config, input_ids, attention_mask, dtype)
     # keys and values stay float32 whatever the compute dtype: XLA:CPU has no bfloat16 kernel for
     # the attention's batched products and would convert a bfloat16 cache at every step
-    cross_kv = bart.cross_keys_values(params, config, encoder_hidden, dtype)
+    cross_kv = bart_stacks.cross_keys_values(params, config, encoder_hidden, dtype)
     cross_kv = jax.tree.map(lambda kv: kv.astype(jnp.float32), cross_kv)
     block_shape = (rows, config.decoder_attention_heads, block_length, config.head_dim)
     empty_cache = lambda: tuple(  # noqa: E731
@@ -228,7 +229,7 @@ def init_state(params, config: bart.DalleBartConfig, input_ids: Array, attention
         cache_values=empty_cache(),
         cross_keys=tuple(keys for keys, _ in cross_kv),
         cross_values=tuple(values for _, values in cross_kv),
-        cross_bias=bart._key_bias(attention_mask)[:, 0],  # (R', 1, T)
+        cross_bias=bart_stacks.key_bias(attention_mask)[:, 0],  # (R', 1, T)
         row_keys=row_keys,
         knobs=knobs,
     )
@@ -258,7 +259,7 @@ def run_steps(params, config: bart.DalleBartConfig, state: SamplerState, num_ste
             (keys[: block + 1], values[: block + 1])
             for keys, values in zip(state.cache_keys, state.cache_values, strict=True)
         )  # fmt: skip
-        logits, written = bart.decode_step(
+        logits, written = bart_stacks.decode_step(
             params, config, tokens, step, visible,
             tuple(zip(state.cross_keys, state.cross_values, strict=True)), state.cross_bias, dtype,
             shared_rows,
@@ -290,14 +291,14 @@ def run_steps(params, config: bart.DalleBartConfig, state: SamplerState, num_ste
 def split_decoder_layers(params: bart.Params, only_as_views: bool = False) -> bart.Params:
     """The same tree with the decoder layers as a tuple of per-layer trees.
 
-    `bart.decode_step` accepts either layout. Inside a compiled loop, a layer sliced from the
+    `bart_stacks.decode_step` accepts either layout. Inside a compiled loop, a layer sliced from the
     stacked arrays is a copy made at every step (XLA has no views), which on a CPU costs about as
     much as the step's own reading of the weights; split beforehand, each matrix is read in place.
     On CPU the pieces are views of the stacked buffers (no memory is added); on accelerators,
     and under tracing, they are copies, which `only_as_views` declines (returning `params`).
     """
     decoder = params["model"]["decoder"]
-    stacked = bart._layers(params, "decoder")
+    stacked = bart_stacks.stacked_layers(params, "decoder")
     if isinstance(stacked, (tuple, list)):
         return params
     if only_as_views and not all(_is_on_cpu(leaf) for leaf in jax.tree.leaves(stacked)):

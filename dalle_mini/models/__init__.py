@@ -1,6 +1,7 @@
 """The networks of DALL·E Mini, one concept per file.
 
-- `bart.py` and `dallebart.py`: DalleBart, the text → image-codes transformer, and its loader.
+- `bart.py`, `bart_stacks.py` and `dallebart.py`: DalleBart, the text → image-codes
+  transformer (layers, stacks) and its loader.
 - `vqgan.py` with `vqgan_layers.py`: the VQGAN that maps image codes ↔ pixels.
 - `clip.py`: the CLIP scorer that ranks candidate images.
 

@@ -2,8 +2,8 @@
 
 The interface mirrors the original inference notebook (`from_pretrained(..., _do_init=False)`
 returning `(model, params)`, `model(...).logits`, `model.generate(**batch, prng_key=...)`), so
-its users can switch. The computation lives in `models/bart.py` and `sampling.py`; this class
-holds a config, a compute dtype and the compiled functions.
+its users can switch. The computation lives in `models/bart.py`, `models/bart_stacks.py` and
+`sampling.py`; this class holds a config, a compute dtype and the compiled functions.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from dalle_mini import checkpoint, sampling
 from dalle_mini.hub import CheckpointError, resolve_folder
-from dalle_mini.models import bart
+from dalle_mini.models import bart, bart_stacks
 
 Array = jax.Array
 _UNSCANNED = re.compile(r"^(.*/layers)/FlaxBart(Encoder|Decoder)Layer_(\d+)/(.*)$")
@@ -73,7 +73,7 @@ class DalleBart:
         self.config = config
         self.dtype = dtype
         self.params = None  # set by from_pretrained(..., _do_init=True)
-        self._encode = jax.jit(lambda p, ids, mask: bart.encode(p, config, ids, mask, dtype))
+        self._encode = jax.jit(lambda p, ids, mask: bart_stacks.encode(p, config, ids, mask, dtype))
         self._forward = jax.jit(self._forward_fn)
         self._init_state = jax.jit(
             self._init_state_fn, static_argnames=("use_uncond", "block_length")
@@ -131,10 +131,10 @@ class DalleBart:
         checkpoint.save_msgpack(folder / checkpoint.WEIGHTS_NAME, self._params(params))
 
     def init_params(self, rng: Array):
-        return bart.init_params(self.config, rng)
+        return bart_stacks.init_params(self.config, rng)
 
     def param_shapes(self):
-        return jax.eval_shape(lambda: bart.init_params(self.config, jax.random.PRNGKey(0)))
+        return jax.eval_shape(lambda: bart_stacks.init_params(self.config, jax.random.PRNGKey(0)))
 
     def _params(self, params):
         if params is None:
@@ -151,8 +151,8 @@ class DalleBart:
         return EncoderOutput(self._encode(self._params(params), input_ids, attention_mask))
 
     def _forward_fn(self, params, input_ids, attention_mask, decoder_input_ids):
-        hidden = bart.encode(params, self.config, input_ids, attention_mask, self.dtype)
-        logits = bart.decode(
+        hidden = bart_stacks.encode(params, self.config, input_ids, attention_mask, self.dtype)
+        logits = bart_stacks.decode(
             params, self.config, decoder_input_ids, hidden, attention_mask, self.dtype
         )
         return logits, hidden

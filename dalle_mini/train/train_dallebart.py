@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dalle_mini.models import bart
+from dalle_mini.models import bart, bart_stacks
 from dalle_mini.models.dallebart import DalleBart
 from dalle_mini.processor import DalleBartProcessor, train_tokenizer
 from dalle_mini.text import WORDS_FREQUENCY_NAME, TextNormalizer
@@ -102,8 +102,10 @@ def loss_fn(params, model_config: bart.DalleBartConfig, batch, dtype):
     codes = batch["codes"]  # (B, L)
     start = jnp.full((codes.shape[0], 1), model_config.decoder_start_token_id, codes.dtype)
     decoder_input = jnp.concatenate([start, codes[:, :-1]], axis=1)  # (B, L)
-    hidden = bart.encode(params, model_config, batch["input_ids"], batch["attention_mask"], dtype)
-    logits = bart.decode(
+    hidden = bart_stacks.encode(
+        params, model_config, batch["input_ids"], batch["attention_mask"], dtype
+    )
+    logits = bart_stacks.decode(
         params, model_config, decoder_input, hidden, batch["attention_mask"], dtype
     )
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, codes)  # (B, L)
@@ -161,7 +163,7 @@ def train(
     params = (
         init_params
         if init_params is not None
-        else bart.init_params(model_config, jax.random.PRNGKey(config.seed))
+        else bart_stacks.init_params(model_config, jax.random.PRNGKey(config.seed))
     )
     state = common.create_state(params, optimizer)
 
