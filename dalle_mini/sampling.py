@@ -95,6 +95,19 @@ def _threshold(ranked: Array, k: Array, top_p: Array) -> Array:
     return jnp.take_along_axis(ranked, keep_count[:, None] - 1, axis=-1)
 
 
+def _scaled_and_k(logits: Array, knobs: Knobs) -> tuple[Array, Array]:
+    """Logits over the temperature, (B, V), and each row's top-k as a count, (B,): the whole
+    vocabulary where top-k is off (<= 0)."""
+    vocab = logits.shape[-1]
+    k = jnp.where(knobs.top_k <= 0, vocab, jnp.minimum(knobs.top_k, vocab))
+    return logits / knobs.temperature[:, None], k
+
+
+def _sorted_threshold(scaled: Array, k: Array, top_p: Array) -> Array:
+    """`_threshold` from a full descending sort of the vocabulary (any k)."""
+    return _threshold(-jnp.sort(-scaled, axis=-1), k, top_p)
+
+
 def filter_logits(logits: Array, knobs: Knobs) -> Array:
     """Temperature, then top-k, then top-p (nucleus), as the original's warpers; logits (B, V).
 
@@ -103,10 +116,9 @@ def filter_logits(logits: Array, knobs: Knobs) -> Array:
     choice is per row, so a row's result never depends on the other rows of its batch. Ties at
     a top-k threshold are all kept.
     """
-    logits = logits / knobs.temperature[:, None]
+    logits, k = _scaled_and_k(logits, knobs)
     vocab = logits.shape[-1]
-    k = jnp.where(knobs.top_k <= 0, vocab, jnp.minimum(knobs.top_k, vocab))  # (B,)
-    full_sort = lambda: _threshold(-jnp.sort(-logits, axis=-1), k, knobs.top_p)  # noqa: E731
+    full_sort = lambda: _sorted_threshold(logits, k, knobs.top_p)  # noqa: E731
     if vocab <= TOP_K_CAP:
         threshold = full_sort()
     else:
@@ -147,16 +159,15 @@ def draw(logits: Array, knobs: Knobs, keys: Array) -> Array:
     filtered out anyway), which needs TOP_K_CAP random numbers instead of V; the other rows draw
     over the whole filtered vocabulary. Which way a row goes depends only on its own knobs.
     """
-    vocab = logits.shape[-1]
+    scaled, k = _scaled_and_k(logits, knobs)
     categorical = jax.vmap(jax.random.categorical)
 
-    def over_vocabulary():
-        return categorical(keys, filter_logits(logits, knobs)).astype(jnp.int32)
+    def over_vocabulary():  # filter_logits' full-sort path: any top-k, any vocabulary
+        threshold = _sorted_threshold(scaled, k, knobs.top_p)
+        return categorical(keys, jnp.where(scaled >= threshold, scaled, -jnp.inf)).astype(jnp.int32)
 
-    if vocab <= TOP_K_CAP:
+    if scaled.shape[-1] <= TOP_K_CAP:
         return over_vocabulary()
-    scaled = logits / knobs.temperature[:, None]
-    k = jnp.where(knobs.top_k <= 0, vocab, jnp.minimum(knobs.top_k, vocab))  # (B,)
     is_small = k <= TOP_K_CAP
     ranked, ids = lax.top_k(scaled, TOP_K_CAP)  # (B, TOP_K_CAP), best first
     threshold = _threshold(ranked, jnp.minimum(k, TOP_K_CAP), knobs.top_p)
