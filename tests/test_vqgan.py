@@ -99,6 +99,32 @@ def test_bfloat16_compute_keeps_float32_params_and_close_outputs(reference):
 # --- the published f16_16384 architecture ------------------------------------------------
 
 
+@pytest.mark.parametrize("height", [8, 32, 48])  # below and above SUBPIXEL_MIN_PIXELS
+def test_upsampled_conv_equals_a_conv_of_the_repeated_image(height):
+    import flax.linen as nn
+
+    from dalle_mini.models.vqgan_layers import UpsampledConv
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, height, 40, 6))
+    repeated = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    plain = nn.Conv(5, (3, 3), padding="SAME")
+    params = UpsampledConv(5).init(jax.random.PRNGKey(1), x)
+    # same parameter names, shapes and initial values as nn.Conv: checkpoints load unchanged
+    reference_params = plain.init(jax.random.PRNGKey(1), repeated)
+    assert jax.tree.structure(params) == jax.tree.structure(reference_params)
+    assert all(map(np.array_equal, jax.tree.leaves(params), jax.tree.leaves(reference_params)))
+    params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.PRNGKey(2), a.shape), params)
+    out = UpsampledConv(5).apply(params, x)
+    assert out.shape == (2, 2 * height, 80, 5)
+    np.testing.assert_allclose(out, plain.apply(params, repeated), atol=2e-5, rtol=0)
+    # and the gradients the VQGAN trainer takes through it
+    loss = lambda p, module, inputs: jnp.sum(module.apply(p, inputs) ** 2)  # noqa: E731
+    grads = jax.grad(loss)(params, UpsampledConv(5), x)
+    expected = jax.grad(loss)(params, plain, repeated)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-2)
+
+
 def test_published_config_builds_exactly_the_published_tree():
     config = VQGANConfig.from_json(FIXTURES / "config_vqgan_f16_16384.json")
     assert config == VQGANConfig.f16_16384()
