@@ -95,7 +95,7 @@ def run_ours(work: Path, workload: str, dtype_name: str, seed: int) -> dict:
     clock, dtype, count = CompileClock(), getattr(jnp, dtype_name), WORKLOAD_IMAGES[workload]
     start = time.perf_counter()
     model, params = DalleBart.from_pretrained(work / "dallebart", dtype=dtype, param_dtype=dtype)
-    vqgan, vqgan_params = VQModel.from_pretrained(work / "vqgan")
+    vqgan, vqgan_params = VQModel.from_pretrained(work / "vqgan", decoder_only=True)
     loaded = time.perf_counter()
     memory = _end_of_loading()
     ids = np.ones((count, 64), np.int32)

@@ -125,7 +125,7 @@ class Pipeline:
             raise ValueError(f"dtype={dtype!r} is not supported: use one of {sorted(DTYPES)}")
         model, params = DalleBart.from_pretrained(dallebart, revision=revision, dtype=DTYPES[dtype])
         processor = DalleBartProcessor.from_pretrained(dallebart, revision=revision)
-        vq_model, vq_params = VQModel.from_pretrained(vqgan)
+        vq_model, vq_params = VQModel.from_pretrained(vqgan, decoder_only=True)
         scorer = None
         if clip:
             from dalle_mini.scoring import CLIPScorer

@@ -86,6 +86,20 @@ def test_compiles_once_per_shape_and_shares_code_between_instances(loaded, refer
     assert same_config._decode_code._cache_size() == compiled
 
 
+def test_decoder_only_loading_decodes_the_same_and_refuses_to_encode(loaded, reference):
+    vqgan, params = loaded
+    decoder_vqgan, decoder_params = VQModel.from_pretrained(VQGAN_FOLDER, decoder_only=True)
+    assert "encoder" in params and "encoder" not in decoder_params
+    assert count_params(decoder_params) < count_params(params)
+    codes = reference["indices"][:1]
+    np.testing.assert_array_equal(
+        decoder_vqgan.decode_code(codes, params=decoder_params),
+        vqgan.decode_code(codes, params=params),
+    )
+    with pytest.raises(ValueError, match="decoder_only"):
+        decoder_vqgan.encode(reference["images"][:1], params=decoder_params)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_close_outputs(reference):
     vqgan, params = VQModel.from_pretrained(VQGAN_FOLDER, dtype=jnp.bfloat16)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
