@@ -155,13 +155,14 @@ class UpsampledConv(nn.Module):
             jnp.float32,
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         batch, height, width, channels = x.shape
         if height * width < SUBPIXEL_MIN_PIXELS:
+            x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
             return _conv_nhwc(_repeat_twice(x), kernel, "SAME") + bias
-        taps = jnp.asarray(_PHASE_TAPS, kernel.dtype)
-        folded = jnp.einsum("pai,qbj,ijcf->abcpqf", taps, taps, kernel)  # (2, 2, C, 2, 2, F)
-        folded = folded.reshape(2, 2, channels, 4 * self.features)
+        # taps folded in float32, then cast like nn.Conv's kernel (bfloat16 sums would round)
+        folded = jnp.einsum("pai,qbj,ijcf->abcpqf", _PHASE_TAPS, _PHASE_TAPS, kernel)
+        folded = folded.reshape(2, 2, channels, 4 * self.features)  # (2, 2, C, 4F)
+        x, folded, bias = nn.dtypes.promote_dtype(x, folded, bias, dtype=self.dtype)
         padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         out = _conv_nhwc(padded, folded, "VALID")  # (B, H + 1, W + 1, 4F)
         out = out.reshape(batch, height + 1, width + 1, 2, 2, self.features)
