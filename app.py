@@ -32,6 +32,7 @@ from dalle_mini.serving import (
     Batcher,
     MemoryReleaser,
     ShuttingDown,
+    limit_allocator_arenas,
     wait_for_stop,
     warm_up,
 )
@@ -416,6 +417,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
+    limit_allocator_arenas()  # before the server's threads allocate (docs/serving.md, soak)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.max_candidates < NUM_IMAGES:

@@ -205,11 +205,30 @@ class Batcher:
 
 
 @functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
 def _malloc_trim():
     """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
-    name = ctypes.util.find_library("c")
-    library = ctypes.CDLL(name) if name else None
-    return getattr(library, "malloc_trim", None)
+    return getattr(_libc(), "malloc_trim", None)
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+SERVER_ARENAS = 2
+
+
+def limit_allocator_arenas(arenas: int = SERVER_ARENAS) -> bool:
+    """Caps how many arenas glibc's allocator opens for new threads (by default up to 8 per
+    core, each keeping its own freed, fragmented blocks); False where it cannot.
+
+    Call it at start-up, before the server's threads allocate. Measured with `bench/soak.py`
+    (12 minutes, 4 people, embedded model): RSS after warm-up grew 2.98 MB per minute with the
+    default arenas and 0.17 MB per minute with two (set as MALLOC_ARENA_MAX=2), at the same
+    request rate."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    return mallopt is not None and mallopt(M_ARENA_MAX, arenas) == 1
 
 
 def release_free_memory() -> bool:

@@ -5,6 +5,7 @@ closing finishes what was asked.
 Requests stay at 8 candidates or fewer in all, so every batch uses the one compiled size.
 """
 
+import platform
 import shutil
 import threading
 import time
@@ -238,3 +239,22 @@ def test_the_worker_hands_free_memory_back_between_batches(pipe, monkeypatch):
     hourly = MemoryReleaser(interval_s=3600)
     hourly(), hourly()
     assert len(trims) == 3  # the second call within the hour was skipped
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_the_server_caps_the_allocator_arenas_before_loading(monkeypatch):
+    """Against the RSS creep that trimming alone left (about 3 MB a minute in a soak)."""
+    import app
+
+    assert serving.limit_allocator_arenas(serving.SERVER_ARENAS)  # glibc accepts the setting
+    calls = []
+    monkeypatch.setattr(app, "limit_allocator_arenas", lambda: calls.append("arenas"))
+
+    def no_model(*args, **kwargs):
+        calls.append("load")
+        raise ValueError("no such model")
+
+    monkeypatch.setattr(app.Pipeline, "from_pretrained", no_model)
+    with pytest.raises(SystemExit, match="no such model"):
+        app.main(["--model", "missing"])
+    assert calls == ["arenas", "load"]
