@@ -79,21 +79,27 @@ def init_params(config: DalleBartConfig, rng: Array) -> Params:
     }
 
 
+def _run_stack(params: Params, config: DalleBartConfig, side: str, ids: Array,
+               layer: EncoderLayer | DecoderLayer, *layer_args: Array) -> Array:  # fmt: skip
+    """Embeds token ids (B, T), runs every layer of one side ("encoder" or "decoder") over them
+    (`layer` applied with `layer_args` after the hidden states), then the side's final norms."""
+    ends = _ends(config, side, layer.dtype)
+    stack = params["model"][side]
+    positions = jnp.arange(ids.shape[1])[None]
+    hidden = ends.apply({"params": stack}, ids, positions, method=StackEnds.embed)
+
+    def body(h, layer_params):
+        return layer.apply({"params": layer_params}, h, *layer_args), None
+
+    hidden, _ = lax.scan(body, hidden, stacked_layers(params, side))
+    return ends.apply({"params": stack}, hidden, method=StackEnds.finish)
+
+
 def encode(params: Params, config: DalleBartConfig, input_ids: Array, attention_mask: Array,
            dtype: Any = jnp.float32) -> Array:  # fmt: skip
     """Prompt tokens (B, T) -> encoder hidden states (B, T, D), padding positions included."""
-    ends = _ends(config, "encoder", dtype)
-    encoder = params["model"]["encoder"]
-    positions = jnp.arange(input_ids.shape[1])[None]
-    hidden = ends.apply({"params": encoder}, input_ids, positions, method=StackEnds.embed)
-    bias = key_bias(attention_mask)
     layer = EncoderLayer(config, dtype)
-
-    def body(h, layer_params):
-        return layer.apply({"params": layer_params}, h, bias), None
-
-    hidden, _ = lax.scan(body, hidden, stacked_layers(params, "encoder"))
-    return ends.apply({"params": encoder}, hidden, method=StackEnds.finish)
+    return _run_stack(params, config, "encoder", input_ids, layer, key_bias(attention_mask))
 
 
 def _lm_head(params: Params, config: DalleBartConfig, hidden: Array, dtype: Any) -> Array:
@@ -106,18 +112,9 @@ def decode(params: Params, config: DalleBartConfig, decoder_input_ids: Array,
            encoder_hidden: Array, attention_mask: Array,
            dtype: Any = jnp.float32) -> Array:  # fmt: skip
     """Teacher-forced logits (B, T, image_vocab_size + 1) for decoder inputs (B, T)."""
-    ends = _ends(config, "decoder", dtype)
-    decoder = params["model"]["decoder"]
-    positions = jnp.arange(decoder_input_ids.shape[1])[None]
-    hidden = ends.apply({"params": decoder}, decoder_input_ids, positions, method=StackEnds.embed)
-    cross_bias = key_bias(attention_mask)
     layer = DecoderLayer(config, dtype)
-
-    def body(h, layer_params):
-        return layer.apply({"params": layer_params}, h, encoder_hidden, cross_bias), None
-
-    hidden, _ = lax.scan(body, hidden, stacked_layers(params, "decoder"))
-    hidden = ends.apply({"params": decoder}, hidden, method=StackEnds.finish)
+    hidden = _run_stack(params, config, "decoder", decoder_input_ids, layer, encoder_hidden,
+                        key_bias(attention_mask))  # fmt: skip
     return _lm_head(params, config, hidden, dtype)
 
 
