@@ -146,6 +146,46 @@ def test_vqgan_trainer_loss_falls_and_codebook_is_used(tmp_path):
     assert np.unique(codes).size > 0.3 * 32  # k-means start + restarts: no collapse onto few codes
 
 
+def _grid_distance_to_most_similar(table, side):
+    """For each position, the row + column distance to the position whose embedding is most like
+    its own (cosine)."""
+    unit = table / np.linalg.norm(table, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -2.0)
+    nearest, position = similarity.argmax(axis=1), np.arange(len(table))
+    return np.abs(nearest // side - position // side) + np.abs(nearest % side - position % side)
+
+
+def test_a_new_dallebart_starts_knowing_each_codes_row_and_column(tmp_path):
+    """The decoder's position table starts as row/column waves: every code's most similar
+    position is a neighbour in the image (a random table: almost never), at the init's scale;
+    `grid_positions=False` keeps the original random init."""
+    table = train_dallebart.grid_positions(256, 128, 0.02)
+    assert table.shape == (256, 128) and table.std() == pytest.approx(0.02, rel=1e-3)
+    assert np.all(_grid_distance_to_most_similar(table, 16) == 1)
+    random_table = np.random.default_rng(0).normal(size=(256, 128))
+    assert np.mean(_grid_distance_to_most_similar(random_table, 16) == 1) < 0.1
+
+    captions = [f"a {c} square" for c in ("red", "blue")] * 8
+    codes = np.zeros((16, 16), np.int32)
+    processor = _processor(captions)
+    model_config = dataclasses.replace(
+        train_dallebart.embedded_config(processor.tokenizer.get_vocab_size(), 8, 16, 24),
+        d_model=32,
+        decoder_ffn_dim=32,
+    )
+    for grid, workdir in ((True, tmp_path / "grid"), (False, tmp_path / "random")):
+        config = train_dallebart.DalleBartTrainConfig(
+            num_steps=1, batch_size=4, grid_positions=grid, checkpoint_every=1
+        )
+        _, params, _ = train_dallebart.train(
+            captions, codes, 8, config, workdir, processor, model_config
+        )
+        start = params["model"]["decoder"]["embed_positions"]["embedding"]
+        near = np.mean(_grid_distance_to_most_similar(np.asarray(start), 4) == 1)
+        assert near == 1.0 if grid else near < 0.6
+
+
 def test_dallebart_trainer_loss_falls_and_saves_a_loadable_checkpoint(tmp_path):
     from dalle_mini.models.dallebart import DalleBart
 

@@ -120,6 +120,7 @@ def stage_dallebart(args) -> dict:
         num_steps=args.dallebart_steps,
         batch_size=args.dallebart_batch,
         use_bfloat16=args.bf16,
+        grid_positions=args.position_init == "grid",
         seed=args.seed,
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
@@ -298,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
     group.add_argument("--accumulation-steps", type=int, default=1)
     group.add_argument("--bf16", action="store_true", help="bfloat16 compute (slower on most CPUs)")
+    group.add_argument(
+        "--position-init",
+        choices=("grid", "random"),
+        default="grid",
+        help="a new model's decoder position embeddings: row/column waves, or random as the "
+        "original trainer",
+    )
     group = parser.add_argument_group("clip")
     group.add_argument("--clip-steps", type=int, default=400)
     group.add_argument("--clip-batch", type=int, default=128)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dalle_mini.models import bart, bart_stacks
@@ -75,6 +77,30 @@ class DalleBartTrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 250
+    # a new model's decoder position embeddings start as row/column waves (see grid_positions)
+    grid_positions: bool = True
+
+
+def grid_positions(image_length: int, d_model: int, scale: float) -> np.ndarray:
+    """Decoder position embeddings (image_length, d_model) that say each code's row and column.
+
+    The codes of an image are a raster of side × side. Half of the features are waves over the
+    row, half over the column (sine and cosine at frequencies from π, period 2 codes, down to
+    π / side, one period over the whole image), scaled to the random init's standard deviation.
+    Same table shape and format as a random init, so nothing changes for loading or sampling;
+    the model still learns it, but starts knowing where in the image each code lies, which a
+    small model trained briefly otherwise does not learn. Falls back to one wave over the
+    position when image_length is not a square.
+    """
+    side = math.isqrt(image_length)
+    position = np.arange(image_length)
+    axes = [position // side, position % side] if side * side == image_length else [position]
+    per_axis = d_model // (2 * len(axes))  # sine/cosine pairs per axis
+    frequencies = np.pi / np.maximum(side, 2) ** (np.arange(per_axis) / max(per_axis - 1, 1))
+    waves = [f(axis[:, None] * frequencies[None]) for axis in axes for f in (np.sin, np.cos)]
+    table = np.concatenate(waves, axis=1)
+    table = np.pad(table, ((0, 0), (0, d_model - table.shape[1])))
+    return (table * scale / table.std()).astype(np.float32)
 
 
 def write_words_frequency(captions: list[str], path: Path) -> Path:
@@ -103,10 +129,10 @@ def loss_fn(params, model_config: bart.DalleBartConfig, batch, dtype):
     start = jnp.full((codes.shape[0], 1), model_config.decoder_start_token_id, codes.dtype)
     decoder_input = jnp.concatenate([start, codes[:, :-1]], axis=1)  # (B, L)
     hidden = bart_stacks.encode(
-        params, model_config, batch["input_ids"], batch["attention_mask"], dtype
+        params, model_config, batch["input_ids"], batch["attention_mask"], dtype, unroll=True
     )
     logits = bart_stacks.decode(
-        params, model_config, decoder_input, hidden, batch["attention_mask"], dtype
+        params, model_config, decoder_input, hidden, batch["attention_mask"], dtype, unroll=True
     )
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, codes)  # (B, L)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
@@ -160,11 +186,16 @@ def train(
     data = TextBatcher(processor, captions, encodings, config.blank_rate)
     total_updates = max(config.num_steps // config.optimizer.accumulation_steps, 1)
     optimizer = common.make_optimizer(config.optimizer, total_updates)
-    params = (
-        init_params
-        if init_params is not None
-        else bart_stacks.init_params(model_config, jax.random.PRNGKey(config.seed))
-    )
+    if init_params is None:
+        init_params = bart_stacks.init_params(model_config, jax.random.PRNGKey(config.seed))
+        if config.grid_positions:
+            decoder = init_params["model"]["decoder"]
+            decoder["embed_positions"]["embedding"] = jnp.asarray(
+                grid_positions(
+                    model_config.image_length, model_config.d_model, model_config.init_std
+                )
+            )
+    params = init_params
     state = common.create_state(params, optimizer)
 
     def batches(start):
