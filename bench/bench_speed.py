@@ -250,9 +250,7 @@ def floor_seconds(workload: str, dtype_name: str, machine: dict) -> dict:
     total_flops, step_seconds, total_bytes = encoder_flops, 0.0, 0.0
     for t in range(length):
         attention = c.decoder_layers * 2 * 2 * d * ((t + 1) + text)  # scores + context
-        # the head is linear, so super-conditioning mixes its inputs: one row per image there
-        flops = 2 * (rows * c.decoder_layers * layer_weights + images * d * vocab)
-        flops += rows * attention
+        flops = 2 * rows * step_weights + rows * attention
         cache_bytes = 4 * c.decoder_layers * 2 * d * (rows * (t + 1) + prompts * text)
         step_bytes = step_weights * weight_bytes + cache_bytes
         total_flops, total_bytes = total_flops + flops, total_bytes + step_bytes

@@ -23,10 +23,6 @@ What the original `generate` did (`../shared/dalle-mini-facts.md` §4), reorgani
 
 Per step, as the original: `logits = uncond + condition_scale * (cond - uncond)` on raw logits,
 then (optionally) non-code ids masked, then temperature, top-k, top-p, categorical sampling.
-The mix is taken one step earlier, on the decoder's final states: the head (`lm_head`) is linear
-and the weights `1 - scale` and `scale` sum to one, so the head of the mixed states is the mix of
-the logits (equal up to rounding), and the head's product, the largest of a step in DALL·E Mini
-(16,385 × 1,024), runs for B rows instead of 2B.
 """
 
 from __future__ import annotations
@@ -144,19 +140,14 @@ def mask_ids(logits: Array, config: bart.DalleBartConfig, only_image_codes: bool
     return jnp.where(banned[None], -jnp.inf, logits)
 
 
-def super_condition(cond: Array, uncond: Array, condition_scale: Array) -> Array:
-    """`uncond + condition_scale * (cond - uncond)` per row (B, ...) in float32; a row at scale
-    1 keeps `cond` exactly, batched with other scales or not."""
-    cond, uncond = cond.astype(jnp.float32), uncond.astype(jnp.float32)
-    scale = condition_scale.reshape((-1,) + (1,) * (cond.ndim - 1))
-    return jnp.where(scale == 1.0, cond, uncond + scale * (cond - uncond))
-
-
 def next_codes(logits: Array, uncond_logits: Array | None, state: SamplerState,
                config: bart.DalleBartConfig, only_image_codes: bool) -> Array:  # fmt: skip
     """One step's choice for every row, from raw conditional (and unconditional) logits."""
     if uncond_logits is not None:
-        logits = super_condition(logits, uncond_logits, state.knobs.condition_scale)
+        scale = state.knobs.condition_scale[:, None]
+        mixed = uncond_logits + scale * (logits - uncond_logits)
+        # a row at scale 1 keeps its raw logits exactly, batched with other scales or not
+        logits = jnp.where(scale == 1.0, logits, mixed)
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.row_keys, state.step)
     return draw(mask_ids(logits, config, only_image_codes), state.knobs, step_keys)
 
@@ -279,15 +270,13 @@ def run_steps(params, config: bart.DalleBartConfig, state: SamplerState, num_ste
             (keys[: block + 1], values[: block + 1])
             for keys, values in zip(state.cache_keys, state.cache_values, strict=True)
         )  # fmt: skip
-        hidden, written = bart_stacks.decode_step_hidden(
+        logits, written = bart_stacks.decode_step(
             params, config, tokens, step, visible,
             tuple(zip(state.cross_keys, state.cross_values, strict=True)), state.cross_bias, dtype,
             shared_rows,
         )  # fmt: skip
-        if use_uncond:  # the head is linear: mixing its inputs mixes its logits, for half the rows
-            hidden = super_condition(hidden[:batch], hidden[batch:], state.knobs.condition_scale)
-        logits = bart_stacks.lm_head(params, config, hidden, dtype)
-        codes = next_codes(logits, None, state, config, only_image_codes)
+        cond, uncond = (logits[:batch], logits[batch:]) if use_uncond else (logits, None)
+        codes = next_codes(cond, uncond, state, config, only_image_codes)
 
         def replace(blocks: tuple[Array, ...], new: Array) -> tuple[Array, ...]:
             return blocks[:block] + (new,) + blocks[block + 1 :]

@@ -146,28 +146,7 @@ def decode_step(params: Params, config: DalleBartConfig, tokens: Array, index: A
                 cache_kv: tuple[tuple[tuple[Array, ...], tuple[Array, ...]], ...],
                 cross_kv: tuple[tuple[Array, Array], ...],
                 cross_bias: Array, dtype: Any = jnp.float32, shared_rows: int = 0):  # fmt: skip
-    """Logits for the token after `tokens` (R,) at position `index`, and the updated cache:
-    `lm_head` of `decode_step_hidden`'s states (arguments and cache: there)."""
-    hidden, new_cache = decode_step_hidden(
-        params, config, tokens, index, cache_kv, cross_kv, cross_bias, dtype, shared_rows
-    )
-    return lm_head(params, config, hidden, dtype), new_cache
-
-
-def lm_head(params: Params, config: DalleBartConfig, hidden: Array,
-            dtype: Any = jnp.float32) -> Array:  # fmt: skip
-    """Logits (R, image_vocab_size + 1) in float32 of final decoder states (R, D). A linear
-    map: the logits of a mix of states (weights summing to 1) are that mix of their logits."""
-    return _lm_head(params, config, hidden, dtype)
-
-
-def decode_step_hidden(params: Params, config: DalleBartConfig, tokens: Array, index: Array,
-                       cache_kv: tuple[tuple[tuple[Array, ...], tuple[Array, ...]], ...],
-                       cross_kv: tuple[tuple[Array, Array], ...],
-                       cross_bias: Array, dtype: Any = jnp.float32,
-                       shared_rows: int = 0):  # fmt: skip
-    """Final decoder states (R, D), after final_ln, for the token after `tokens` (R,) at
-    position `index`, and the updated cache.
+    """Logits for the token after `tokens` (R,) at position `index`, and the updated cache.
 
     Args:
       cache_kv: per layer, self-attention (key blocks, value blocks): the layer's cache split
@@ -178,7 +157,7 @@ def decode_step_hidden(params: Params, config: DalleBartConfig, tokens: Array, i
         prompt position, one row per cross_kv row.
       shared_rows: when > 0, the last `shared_rows` rows share the last cross_kv row.
     Returns:
-      the states (R, D) in the compute dtype and, per layer, the updated last
+      logits (R, image_vocab_size + 1) in float32 and, per layer, the updated last
       (keys, values) block.
     """
     ends = _ends(config, "decoder", dtype)
@@ -197,4 +176,5 @@ def decode_step_hidden(params: Params, config: DalleBartConfig, tokens: Array, i
             cache_bias, cross_kv[i], cross_bias, shared_rows, method=DecoderLayer.step,
         )  # fmt: skip
         new_cache.append(layer_cache)
-    return ends.apply({"params": decoder}, hidden, method=StackEnds.finish), tuple(new_cache)
+    hidden = ends.apply({"params": decoder}, hidden, method=StackEnds.finish)
+    return _lm_head(params, config, hidden, dtype), tuple(new_cache)
