@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--init-from", help="fine-tune this DalleBart folder (or 'embedded') instead of a new one"
     )
-    group.add_argument("--dallebart-steps", type=int, default=1200)
+    group.add_argument("--dallebart-steps", type=int, default=2000)
     group.add_argument("--dallebart-batch", type=int, default=32)
     group.add_argument("--dallebart-lr", type=float, default=2e-3)
     group.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
@@ -319,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--eval-prompts", type=int, default=256)
     group.add_argument("--eval-candidates", type=int, default=32)
     group.add_argument("--eval-keep", type=int, default=9)
-    group.add_argument("--condition-scale", type=float, default=3.0)
+    group.add_argument(
+        "--condition-scale", type=float, help="default: the DalleBart's own (its config.json)"
+    )
     group.add_argument("--top-k", type=int, default=64)
     group.add_argument("--temperature", type=float, default=1.0)
     return parser

@@ -47,7 +47,7 @@ class EvalConfig:
     num_prompts: int = 256
     num_candidates: int = 32
     keep: int = 9
-    condition_scale: float = 3.0
+    condition_scale: float | None = None  # None: the DalleBart's own (config.json)
     top_k: int = 64
     temperature: float = 1.0
     prompts_per_call: int = 8  # prompts sampled together (× num_candidates rows)
@@ -188,6 +188,10 @@ def run(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    if config.condition_scale is None:
+        config = dataclasses.replace(
+            config, condition_scale=models.dallebart.config.condition_scale
+        )
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "splits": {}, **(extra or {})}
     for split in ("valid", "heldout"):
         _, captions, scenes = world.load_split(world_dir, split)
