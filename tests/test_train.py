@@ -160,7 +160,7 @@ def test_a_new_dallebart_starts_knowing_each_codes_row_and_column(tmp_path):
     """The decoder's position table starts as row/column waves: every code's most similar
     position is a neighbour in the image (a random table: almost never), at the init's scale;
     `grid_positions=False` keeps the original random init."""
-    table = train_dallebart.grid_positions(256, 128, 0.02)
+    table = common.grid_positions(256, 128, 0.02)
     assert table.shape == (256, 128) and table.std() == pytest.approx(0.02, rel=1e-3)
     assert np.all(_grid_distance_to_most_similar(table, 16) == 1)
     random_table = np.random.default_rng(0).normal(size=(256, 128))
@@ -184,6 +184,23 @@ def test_a_new_dallebart_starts_knowing_each_codes_row_and_column(tmp_path):
         start = params["model"]["decoder"]["embed_positions"]["embedding"]
         near = np.mean(_grid_distance_to_most_similar(np.asarray(start), 4) == 1)
         assert near == 1.0 if grid else near < 0.6
+
+
+def test_a_new_clip_image_tower_starts_knowing_each_patchs_row_and_column():
+    model = train_clip.embedded_config(64)  # 8 × 8 patches
+    model = dataclasses.replace(
+        model,
+        vision=dataclasses.replace(model.vision, width=32, layers=1),
+        text=dataclasses.replace(model.text, width=32, heads=1, layers=1),
+    )
+    grid = train_clip.new_params(train_clip.CLIPTrainConfig(model=model))
+    plain = train_clip.new_params(train_clip.CLIPTrainConfig(model=model, grid_positions=False))
+    table = np.asarray(grid["visual"]["positional_embedding"])
+    random_table = np.asarray(plain["visual"]["positional_embedding"])
+    assert np.all(_grid_distance_to_most_similar(table[1:], 8) == 1)
+    assert np.mean(_grid_distance_to_most_similar(random_table[1:], 8) == 1) < 0.5
+    np.testing.assert_array_equal(table[0], random_table[0])  # the class token's row: as init
+    assert table[1:].std() == pytest.approx(random_table[1:].std(), rel=0.1)
 
 
 def test_dallebart_trainer_loss_falls_and_saves_a_loadable_checkpoint(tmp_path):
@@ -286,6 +303,30 @@ def test_clip_trainer_loss_falls_and_saves_open_clip_format(tmp_path):
     np.testing.assert_allclose(
         loaded.score(captions[0], images[:4]), scorer.score(captions[0], images[:4]), rtol=1e-5
     )
+
+
+def test_clip_sees_the_vqgans_reconstructions_in_place_of_the_softened_images(tmp_path, capsys):
+    images = np.stack([world.example(0, "train", i, 32)[0] for i in range(40)])
+    reconstructions = 255 - images
+    asked = []
+
+    def reconstruct(indices):
+        asked.append(indices)
+        return reconstructions[indices]
+
+    shown = train_clip.soften(images, 0.5, 3, reconstruct)
+    replaced = np.all(shown == reconstructions, axis=(1, 2, 3))
+    assert 10 < replaced.sum() < 30  # about half, chosen by the seed
+    np.testing.assert_array_equal(asked[0], np.flatnonzero(replaced))  # only those decoded
+    np.testing.assert_array_equal(shown[~replaced], images[~replaced])
+    synthetic = train_clip.soften(images, 0.5, 3)  # same images chosen, softened instead
+    assert np.all(np.any(synthetic[replaced] != images[replaced], axis=(1, 2, 3)))
+    np.testing.assert_array_equal(synthetic[~replaced], images[~replaced])
+
+    # the clip stage decodes the workdir's codes, and says what to run when there are none
+    world.write_dataset(tmp_path / "world", 4, 4, 4, size=32)
+    assert cli.main(["clip", "--workdir", str(tmp_path), "--image-size", "32", "--tiny"]) == 2
+    assert "--clip-views synthetic" in capsys.readouterr().err
 
 
 def test_encode_stage_writes_the_original_parquet_format(tmp_path):

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from dalle_mini.train import common, train_clip, train_dallebart, train_vqgan, world
 from dalle_mini.train import evaluate as evaluation
 from dalle_mini.train.data import read_encoded, write_encoded
@@ -150,13 +152,40 @@ def stage_clip(args) -> dict:
         ),
         num_steps=args.clip_steps,
         batch_size=args.clip_batch,
+        grid_positions=args.position_init == "grid",
         seed=args.seed,
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
     )
-    scorer, _ = train_clip.train(images, captions, config, Path(args.workdir) / "clip", scenes)
+    reconstruct = _reconstructor(args, captions) if args.clip_views == "vqgan" else None
+    scorer, _ = train_clip.train(
+        images, captions, config, Path(args.workdir) / "clip", scenes, reconstruct
+    )
     scorer.save_pretrained(_model_dir(args, "clip"))
     return {}
+
+
+def _reconstructor(args, captions: list[str]):
+    """indices -> the workdir's VQGAN decoding of those training images' codes (encode stage):
+    the images as the generator will draw them."""
+    path = Path(args.workdir) / "encoded" / "train.parquet"
+    if not path.is_file() or not _model_dir(args, "vqgan").is_dir():
+        raise FileNotFoundError(
+            f"--clip-views vqgan needs the vqgan and encode stages' output ({path}, "
+            f"{_model_dir(args, 'vqgan')}): run them first, or pass --clip-views synthetic"
+        )
+    from dalle_mini.models.vqgan import VQModel
+
+    encoded_captions, codes = read_encoded(path)
+    if list(encoded_captions) != list(captions):
+        raise ValueError(f"{path} does not hold the world's training split in order: encode again")
+    model, params = VQModel.from_pretrained(_model_dir(args, "vqgan"))
+
+    def reconstruct(indices: np.ndarray) -> np.ndarray:
+        print(f"[clip] decoding {len(indices)} of the training images with the VQGAN")
+        return train_vqgan.decode_codes(model, params, codes[indices])
+
+    return reconstruct
 
 
 def stage_evaluate(args) -> dict:
@@ -170,6 +199,7 @@ def stage_evaluate(args) -> dict:
         keep=args.eval_keep,
         condition_scale=args.condition_scale,
         top_k=args.top_k,
+        top_p=args.top_p,
         temperature=args.temperature,
         seed=args.seed,
     )
@@ -303,12 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--position-init",
         choices=("grid", "random"),
         default="grid",
-        help="a new model's decoder position embeddings: row/column waves, or random as the "
-        "original trainer",
+        help="a new DalleBart's decoder and a new CLIP's image tower position embeddings: "
+        "row/column waves, or random as the original trainers",
     )
     group = parser.add_argument_group("clip")
-    group.add_argument("--clip-steps", type=int, default=400)
+    group.add_argument("--clip-steps", type=int, default=1000)
     group.add_argument("--clip-batch", type=int, default=128)
+    group.add_argument(
+        "--clip-views",
+        choices=("vqgan", "synthetic"),
+        default="vqgan",
+        help="half the training images as the workdir's VQGAN decodes their codes, or "
+        "softened by blur, noise and banding (needs no VQGAN)",
+    )
     group.add_argument("--clip-lr", type=float, default=1e-3)
     group = parser.add_argument_group("evaluate")
     group.add_argument(
@@ -323,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--condition-scale", type=float, help="default: the DalleBart's own (its config.json)"
     )
     group.add_argument("--top-k", type=int, default=64)
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering; 1 disables it")
     group.add_argument("--temperature", type=float, default=1.0)
     return parser
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -241,3 +242,29 @@ def batch_order(
 
 def device_batch(arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {key: jnp.asarray(value) for key, value in arrays.items()}
+
+
+def grid_positions(image_length: int, d_model: int, scale: float) -> np.ndarray:
+    """Position embeddings (image_length, d_model) that say each place's row and column.
+
+    For the codes of an image (DalleBart's decoder) or the patches of one (a ViT), a raster of
+    side × side. Half of the features are waves over the row, half over the column (sine and
+    cosine at frequencies from π, period 2 places, down to π / side, half a period over the
+    whole side), scaled to the random init's standard deviation. Same table shape and format as
+    a random init, so nothing changes for loading or inference; the model still learns it, but
+    starts knowing where in the image each place lies, which a small model trained briefly
+    otherwise does not learn. Falls back to waves over the position (down to π / image_length)
+    when image_length is not a square.
+    """
+    side = math.isqrt(image_length)
+    position = np.arange(image_length)
+    if side * side == image_length:
+        axes, extent = [position // side, position % side], side
+    else:
+        axes, extent = [position], image_length
+    per_axis = d_model // (2 * len(axes))  # sine/cosine pairs per axis
+    frequencies = np.pi / max(extent, 2) ** (np.arange(per_axis) / max(per_axis - 1, 1))
+    waves = [f(axis[:, None] * frequencies[None]) for axis in axes for f in (np.sin, np.cos)]
+    table = np.concatenate(waves, axis=1)
+    table = np.pad(table, ((0, 0), (0, d_model - table.shape[1])))
+    return (table * scale / table.std()).astype(np.float32)

@@ -49,6 +49,7 @@ class EvalConfig:
     keep: int = 9
     condition_scale: float | None = None  # None: the DalleBart's own (config.json)
     top_k: int = 64
+    top_p: float = 1.0
     temperature: float = 1.0
     prompts_per_call: int = 8  # prompts sampled together (× num_candidates rows)
     seed: int = 0
@@ -94,6 +95,7 @@ def generate(
         params=models.dallebart_params,
         condition_scale=config.condition_scale,
         top_k=config.top_k,
+        top_p=config.top_p,
         temperature=config.temperature,
         image_indices=indices,
     )
@@ -216,7 +218,8 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         f"{config['num_prompts']} prompts per split, {config['num_candidates']} candidates each, "
         f"{config['keep']} kept by CLIP; condition_scale {config['condition_scale']}, "
-        f"top_k {config['top_k']}, temperature {config['temperature']}.",
+        f"top_k {config['top_k']}, top_p {config.get('top_p', 1.0)}, "
+        f"temperature {config['temperature']}.",
         "",
         "| attribute | " + " | ".join(f"{SPLIT_TITLES[s]}: all | reranked" for s in splits) + " |",
         "|---|" + "---|---|" * len(splits),

@@ -5,15 +5,17 @@ with CLIP's symmetric cross-entropy (`models.clip.contrastive_loss`), the temper
 and clipped at 100 as in open_clip. Images are preprocessed as `CLIPScorer` preprocesses them
 (OpenAI mean/std at the model's image size), captions are tokenized by the CLIP BPE, so the
 trained model scores through `CLIPScorer` exactly as it was trained. Half of the images are
-lightly degraded (blur, noise, banding) so the scorer also reads the softer images a small
-VQGAN decodes.
+shown as the generator will draw them: the VQGAN's decoding of their codes when the caller
+passes it (`reconstruct`; the `clip` stage does), else lightly degraded copies (blur, noise,
+banding), so the scorer reads the softer images a small VQGAN decodes.
 
 Random in-batch captions mostly differ from the right one in colour, so a plain contrastive run
 learns colours and little else, and reranking with it picked images with the wrong kind or
 position (measured: kind 19.8% → 16.5% after reranking). With the world's scenes at hand, each
 image therefore also gets `hard_negatives` captions of its own scene with one stated thing
-changed (the kind, a colour, the background, a position, a size or the relation), which it must
-score below its own caption.
+changed (the kind, a colour, the background, a position, a size or the relation; places and
+relations more often, HARD_NEGATIVE_WEIGHTS), which it must score below its own caption. The
+patch position embeddings start as row/column waves (`new_params`).
 
 `embedded_config()` is the CLIP shipped in `dalle_mini/assets/embedded/clip`.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +62,10 @@ class CLIPTrainConfig:
     )
     num_steps: int = 300
     batch_size: int = 128
-    degrade_fraction: float = 0.5  # share of training images softened like a VQGAN output
+    degrade_fraction: float = 0.5  # share of training images shown as a VQGAN would draw them
     hard_negatives: int = 2  # wrong captions per image (needs the scenes; 0 turns them off)
+    # a new ViT's patch position embeddings start as row/column waves (common.grid_positions)
+    grid_positions: bool = True
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 100
@@ -72,11 +77,27 @@ def pixels_for_clip(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / np.float32(255) - mean) / std
 
 
-def soften(images: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A copy where `fraction` of the images (chosen by seed) are blurred, noised and banded."""
+def soften(
+    images: np.ndarray,
+    fraction: float,
+    seed: int,
+    reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """A copy where `fraction` of the images (chosen by seed) look like a VQGAN's output:
+    `reconstruct(indices)` (a VQGAN's decoding of those images' codes) when given, else
+    blurred, noised and banded copies."""
     rng = np.random.default_rng(seed)
     out = images.copy()
-    for index in np.flatnonzero(rng.random(len(images)) < fraction):
+    chosen = np.flatnonzero(rng.random(len(images)) < fraction)
+    if reconstruct is not None:
+        decoded = reconstruct(chosen)
+        if decoded.shape != out[chosen].shape:
+            raise ValueError(
+                f"reconstructions must be {out[chosen].shape} uint8; got {decoded.shape}"
+            )
+        out[chosen] = decoded
+        return out
+    for index in chosen:
         blur = float(rng.uniform(0.3, 1.2))
         out[index] = np.asarray(
             degrade(Image.fromarray(images[index]), rng, blur=blur, noise=4.0, levels=16)
@@ -102,8 +123,19 @@ def _changed_object(obj: world.SceneObject, attribute: str, background: str, rng
     return rng.choice(allowed) if allowed else None
 
 
+# How often each stated thing is the one a wrong caption changes (where the scene states it).
+# Captions of other images, the in-batch negatives, nearly always differ in colours, kinds or
+# background already; where things are is told apart only by these wrong captions, and a CLIP
+# given as many of them as of the rest did not learn it (on clean images: the true caption
+# beat one with another place half of the time).
+HARD_NEGATIVE_WEIGHTS = {
+    "kind": 1.0, "color": 1.0, "size": 1.0, "background": 1.0, "position": 4.0, "relation": 4.0,
+}  # fmt: skip
+
+
 def counterfactual(scene: world.Scene, rng: random.Random) -> world.Scene:
-    """The request of `scene` with one stated thing changed: what a wrong caption describes.
+    """The request of `scene` with one stated thing changed: what a wrong caption describes
+    (which thing: drawn by HARD_NEGATIVE_WEIGHTS among those the scene states).
 
     Never produces a held-out colour–shape pair, so training text stays free of them too.
     """
@@ -113,8 +145,9 @@ def counterfactual(scene: world.Scene, rng: random.Random) -> world.Scene:
         options.append("position")
     if scene.relation:
         options.append("relation")
+    weights = [HARD_NEGATIVE_WEIGHTS[option] for option in options]
     while True:
-        attribute = rng.choice(options)
+        attribute = rng.choices(options, weights)[0]
         if attribute == "relation":
             opposite = {"left of": "right of", "right of": "left of", "above": "below"}
             return dataclasses.replace(scene, relation=opposite.get(scene.relation, "above"))
@@ -151,6 +184,18 @@ def hard_negative_captions(scenes, count: int, seed: int) -> list[list[str]]:
     ]
 
 
+def new_params(config: CLIPTrainConfig) -> dict[str, Any]:
+    """The random init of `config.seed`; with `config.grid_positions` the image tower's patch
+    position embeddings (not the class token's) start as row/column waves at the init's scale."""
+    params = clip.init_params(config.model, jax.random.PRNGKey(config.seed))
+    if config.grid_positions:
+        vision = config.model.vision
+        table = common.grid_positions(vision.grid_size**2, vision.width, vision.width**-0.5)
+        positions = params["visual"]["positional_embedding"]
+        params["visual"]["positional_embedding"] = positions.at[1:].set(jnp.asarray(table))
+    return params
+
+
 def make_step(module: clip.CLIP, optimizer):
     def loss_fn(params, pixels, tokens):
         image_features, text_features, scale = module.apply({"params": params}, pixels, tokens)
@@ -182,11 +227,14 @@ def train(
     config: CLIPTrainConfig,
     workdir: str | Path,
     scenes: list[world.Scene] | None = None,
+    reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[CLIPScorer, Any]:
     """Trains on uint8 images (N, S, S, 3) and their captions; returns a scorer and params.
 
     With the images' `scenes` (world data), each image also gets `config.hard_negatives`
-    wrong captions; real image–caption data trains without them.
+    wrong captions; real image–caption data trains without them. With `reconstruct` (indices ->
+    the VQGAN's decoding of those images' codes), `config.degrade_fraction` of the images are
+    shown as the VQGAN draws them, which is what the scorer ranks at generation time.
     """
     size = config.model.vision.image_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
@@ -195,7 +243,7 @@ def train(
         )
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    pixels = pixels_for_clip(soften(images, config.degrade_fraction, config.seed))
+    pixels = pixels_for_clip(soften(images, config.degrade_fraction, config.seed, reconstruct))
     tokenizer = CLIPTokenizer(context_length=config.model.text.context_length)
     tokens = tokenizer(captions).astype(np.int32)
     negatives = None
@@ -206,9 +254,7 @@ def train(
         negatives = tokenizer([text for texts in wrong for text in texts]).astype(np.int32)
         negatives = negatives.reshape(len(captions), config.hard_negatives, -1)  # (N, K, T)
     optimizer = common.make_optimizer(config.optimizer, config.num_steps)
-    state = common.create_state(
-        clip.init_params(config.model, jax.random.PRNGKey(config.seed)), optimizer
-    )
+    state = common.create_state(new_params(config), optimizer)
 
     def batches(start):
         for indices in common.batch_order(len(images), config.batch_size, config.seed, start):

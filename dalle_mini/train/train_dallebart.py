@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dalle_mini.models import bart, bart_stacks
@@ -83,37 +81,12 @@ class DalleBartTrainConfig:
     grid_positions: bool = True
 
 
-def grid_positions(image_length: int, d_model: int, scale: float) -> np.ndarray:
-    """Decoder position embeddings (image_length, d_model) that say each code's row and column.
-
-    The codes of an image are a raster of side × side. Half of the features are waves over the
-    row, half over the column (sine and cosine at frequencies from π, period 2 codes, down to
-    π / side, half a period over the whole side), scaled to the random init's standard
-    deviation. Same table shape and format as a random init, so nothing changes for loading or
-    sampling; the model still learns it, but starts knowing where in the image each code lies,
-    which a small model trained briefly otherwise does not learn. Falls back to waves over the
-    position (down to π / image_length) when image_length is not a square.
-    """
-    side = math.isqrt(image_length)
-    position = np.arange(image_length)
-    if side * side == image_length:
-        axes, extent = [position // side, position % side], side
-    else:
-        axes, extent = [position], image_length
-    per_axis = d_model // (2 * len(axes))  # sine/cosine pairs per axis
-    frequencies = np.pi / max(extent, 2) ** (np.arange(per_axis) / max(per_axis - 1, 1))
-    waves = [f(axis[:, None] * frequencies[None]) for axis in axes for f in (np.sin, np.cos)]
-    table = np.concatenate(waves, axis=1)
-    table = np.pad(table, ((0, 0), (0, d_model - table.shape[1])))
-    return (table * scale / table.std()).astype(np.float32)
-
-
 def new_params(model_config: bart.DalleBartConfig, config: DalleBartTrainConfig) -> Any:
     """A new model's parameters: the random init of `config.seed`, with the decoder's position
     table from `grid_positions` when `config.grid_positions`."""
     params = bart_stacks.init_params(model_config, jax.random.PRNGKey(config.seed))
     if config.grid_positions:
-        table = grid_positions(model_config.image_length, model_config.d_model,
+        table = common.grid_positions(model_config.image_length, model_config.d_model,
                                model_config.init_std)  # fmt: skip
         params["model"]["decoder"]["embed_positions"]["embedding"] = jnp.asarray(table)
     return params
