@@ -90,6 +90,8 @@ def soften(
     out = images.copy()
     chosen = np.flatnonzero(rng.random(len(images)) < fraction)
     if reconstruct is not None:
+        if not len(chosen):
+            return out
         decoded = reconstruct(chosen)
         if decoded.shape != out[chosen].shape:
             raise ValueError(
