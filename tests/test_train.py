@@ -346,6 +346,11 @@ def test_encode_stage_writes_the_original_parquet_format(tmp_path):
     assert table.column("caption").to_pylist() == captions
     encodings = table.column("encoding").to_pylist()
     assert all(len(row) == 64 and min(row) >= 0 and max(row) < 16 for row in encodings)  # 8×8 grid
+    # the clip stage shows its images as the VQGAN that made these codes decodes them
+    argv = ["clip", "--workdir", str(tmp_path), "--vqgan", str(tmp_path / "vqgan"), "--tiny"]
+    argv += ["--image-size", "32", "--clip-steps", "2", "--clip-batch", "4"]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "clip" / "model" / "open_clip_model.safetensors").is_file()
 
 
 def test_cli_names_the_missing_input(tmp_path, capsys):

@@ -87,10 +87,15 @@ def stage_vqgan(args) -> dict:
     return {"vqgan": report}
 
 
+def _vqgan_folder(args) -> Path:
+    """The VQGAN the encode stage encodes with (and its codes decode with)."""
+    return Path(args.vqgan) if args.vqgan else _model_dir(args, "vqgan")
+
+
 def stage_encode(args) -> dict:
     from dalle_mini.models.vqgan import VQModel
 
-    model, params = VQModel.from_pretrained(args.vqgan or _model_dir(args, "vqgan"))
+    model, params = VQModel.from_pretrained(_vqgan_folder(args))
     for split in world.SPLITS:
         images, captions, _ = world.load_split(Path(args.workdir) / "world", split)
         codes = train_vqgan.encode_images(model, params, images)
@@ -168,18 +173,18 @@ def stage_clip(args) -> dict:
 def _reconstructor(args, captions: list[str]):
     """indices -> the workdir's VQGAN decoding of those training images' codes (encode stage):
     the images as the generator will draw them."""
-    path = Path(args.workdir) / "encoded" / "train.parquet"
-    if not path.is_file() or not _model_dir(args, "vqgan").is_dir():
+    path, vqgan = Path(args.workdir) / "encoded" / "train.parquet", _vqgan_folder(args)
+    if not path.is_file() or not vqgan.is_dir():
         raise FileNotFoundError(
-            f"--clip-views vqgan needs the vqgan and encode stages' output ({path}, "
-            f"{_model_dir(args, 'vqgan')}): run them first, or pass --clip-views synthetic"
+            f"--clip-views vqgan needs the encode stage's codes and the VQGAN that made them "
+            f"({path}, {vqgan}): run those stages first, or pass --clip-views synthetic"
         )
     from dalle_mini.models.vqgan import VQModel
 
     encoded_captions, codes = read_encoded(path)
     if list(encoded_captions) != list(captions):
         raise ValueError(f"{path} does not hold the world's training split in order: encode again")
-    model, params = VQModel.from_pretrained(_model_dir(args, "vqgan"))
+    model, params = VQModel.from_pretrained(vqgan)
 
     def reconstruct(indices: np.ndarray) -> np.ndarray:
         print(f"[clip] decoding {len(indices)} of the training images with the VQGAN")
@@ -309,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--vqgan-batch", type=int, default=8)
     group.add_argument("--vqgan-lr", type=float, default=2e-3)
     group.add_argument(
-        "--vqgan", help="encode: VQGAN folder to encode with (default: the trained one)"
+        "--vqgan",
+        help="encode, and clip's VQGAN views: the VQGAN folder the codes are made with "
+        "(default: the trained one)",
     )
     group = parser.add_argument_group("dallebart")
     group.add_argument(

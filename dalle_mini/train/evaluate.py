@@ -218,7 +218,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         f"{config['num_prompts']} prompts per split, {config['num_candidates']} candidates each, "
         f"{config['keep']} kept by CLIP; condition_scale {config['condition_scale']}, "
-        f"top_k {config['top_k']}, top_p {config.get('top_p', 1.0)}, "
+        f"top_k {config['top_k']}, top_p {config['top_p']}, "
         f"temperature {config['temperature']}.",
         "",
         "| attribute | " + " | ".join(f"{SPLIT_TITLES[s]}: all | reranked" for s in splits) + " |",

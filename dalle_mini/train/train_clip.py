@@ -93,10 +93,9 @@ def soften(
         if not len(chosen):
             return out
         decoded = reconstruct(chosen)
-        if decoded.shape != out[chosen].shape:
-            raise ValueError(
-                f"reconstructions must be {out[chosen].shape} uint8; got {decoded.shape}"
-            )
+        expected = (len(chosen), *images.shape[1:])
+        if decoded.shape != expected:
+            raise ValueError(f"reconstructions must be {expected} uint8; got {decoded.shape}")
         out[chosen] = decoded
         return out
     for index in chosen:
