@@ -93,8 +93,13 @@ def run_ours(work: Path, workload: str, dtype_name: str, seed: int) -> dict:
     from dalle_mini.models.vqgan import VQModel
 
     clock, dtype, count = CompileClock(), getattr(jnp, dtype_name), WORKLOAD_IMAGES[workload]
+    model = DalleBart.from_config(work / "dallebart", dtype=dtype)
+    # the sampler compiled from the weights' shapes, before they are read: the compiler's
+    # working memory comes and goes while the process is small
+    model.compile_sampler(count, param_dtype=dtype, text_length=64)
+    compiled_ahead = clock.seconds
     start = time.perf_counter()
-    model, params = DalleBart.from_pretrained(work / "dallebart", dtype=dtype, param_dtype=dtype)
+    params = model.load_params(work / "dallebart", param_dtype=dtype)
     vqgan, vqgan_params = VQModel.from_pretrained(work / "vqgan", decoder_only=True)
     loaded = time.perf_counter()
     memory = _end_of_loading()
@@ -112,7 +117,7 @@ def run_ours(work: Path, workload: str, dtype_name: str, seed: int) -> dict:
     codes = np.asarray(state.sequences[:, 1:])
     del state  # the key/value cache (0.5 GB for a mini grid) is not needed to decode the codes
     t1 = time.perf_counter()
-    sample_compile = clock.seconds - compile_before
+    sample_compile = clock.seconds - compile_before  # none, unless the shapes differed
     pixels = np.concatenate([  # one image at a time: as fast on a CPU, a ninth of the memory
         (np.clip(np.asarray(vqgan.decode_code(row[None], params=vqgan_params)), 0, 1) * 255)
         .astype(np.uint8)
@@ -126,8 +131,8 @@ def run_ours(work: Path, workload: str, dtype_name: str, seed: int) -> dict:
         **memory,
         "sample_seconds": t1 - t0 - sample_compile,
         "decode_seconds": t2 - t1 - decode_compile,
-        "compile_seconds": sample_compile + decode_compile,
-        "sampler_compile_seconds": sample_compile,
+        "compile_seconds": compiled_ahead + sample_compile + decode_compile,
+        "sampler_compile_seconds": compiled_ahead + sample_compile,
         "codes_checksum": int(codes.sum()),
     }
 

@@ -9,6 +9,8 @@ compilation (front ends call it at start-up).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from pathlib import Path
 
@@ -76,3 +78,20 @@ def _reinitialize() -> None:
     reset = getattr(compilation_cache, "reset_cache", None)
     if reset is not None:
         reset()
+
+
+def release_freed_memory() -> bool:
+    """Hands memory the process has freed back to the operating system, where the C library
+    can (glibc's `malloc_trim`); returns whether it could.
+
+    XLA's compiler frees its working memory when it is done, but glibc keeps most of it
+    mapped for later allocations, so the resident set stays that much larger. After compiling
+    the sampler ahead of the weights (`DalleBart.compile_sampler`) that is 0.2 GB of the mini's
+    peak (measured: 3.02 GB peak without this, 2.86 GB with it, same codes).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return False
+    return bool(trim(0))

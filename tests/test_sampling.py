@@ -197,3 +197,33 @@ def test_invalid_knobs_name_the_knob(tiny, knob, value):
     model, params, batch = tiny
     with pytest.raises(ValueError, match=knob):
         model.generate(**batch, params=params, **{knob: value})
+
+
+def test_a_sampler_compiled_before_loading_is_used_without_compiling_again(tiny):
+    model, params, batch = tiny
+    count, length = batch["input_ids"].shape
+    knobs = sampling.Knobs.broadcast(
+        count, condition_scale=10.0, temperature=1.0, top_k=5, top_p=1.0
+    )
+    row_keys = sampling.row_keys_for(jax.random.PRNGKey(7), jnp.arange(count))
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    def sample(sampler):
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            state = sampler.start_sampling(**batch, row_keys=row_keys, knobs=knobs, params=params)
+            return np.asarray(sampler.continue_sampling(state, params=params).sequences)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+
+    expected = sample(DalleBart(model.config))  # a fresh model compiles as it samples
+    assert compiles
+    compiles.clear()
+    ahead = DalleBart(model.config)
+    ahead.compile_sampler(count, text_length=length)  # shapes only: no weights yet
+    np.testing.assert_array_equal(sample(ahead), expected)
+    assert compiles == []

@@ -9,6 +9,7 @@ its users can switch. The computation lives in `models/bart.py`, `models/bart_st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_mini import checkpoint, sampling
+from dalle_mini import checkpoint, compile_cache, sampling
 from dalle_mini.hub import CheckpointError, resolve_folder
 from dalle_mini.models import bart, bart_stacks
 
@@ -102,27 +103,48 @@ class DalleBart:
         Returns `(model, params)` with `_do_init=False` (as the original), else the model with
         `model.params` set. float16 checkpoints load as `param_dtype` (float32 by default).
         """
-        folder = resolve_folder(
+        model = cls.from_config(name_or_folder, revision, dtype)
+        params = model.load_params(name_or_folder, revision, param_dtype)
+        if _do_init:
+            model.params = params
+            return model
+        return model, params
+
+    @classmethod
+    def from_config(
+        cls, name_or_folder: str | os.PathLike, revision: str | None = None, dtype=jnp.float32
+    ) -> DalleBart:
+        """The model of a checkpoint's config.json, without its weights (`load_params` reads
+        them): for compiling the sampler before the weights take their memory."""
+        folder = cls._folder(name_or_folder, revision)
+        try:
+            config = bart.DalleBartConfig.from_dict(checkpoint.read_json(folder / "config.json"))
+        except ValueError as error:
+            raise CheckpointError(f"{folder / 'config.json'}: {error}") from error
+        return cls(config, dtype)
+
+    def load_params(
+        self,
+        name_or_folder: str | os.PathLike,
+        revision: str | None = None,
+        param_dtype: Any = jnp.float32,
+    ):
+        """The checkpoint's weights, checked against this model's shapes, on the device."""
+        weights = self._folder(name_or_folder, revision) / checkpoint.WEIGHTS_NAME
+        # read leaf by leaf into aligned buffers that the CPU device adopts: the weights are
+        # held once while loading, not two or three times
+        params = to_scanned(checkpoint.load_msgpack(weights, dtype=param_dtype))
+        checkpoint.check_tree(params, self.param_shapes(), weights)
+        return checkpoint.to_device(params)
+
+    @classmethod
+    def _folder(cls, name_or_folder, revision) -> Path:
+        return resolve_folder(
             name_or_folder,
             component="dallebart",
             required_files=cls.WEIGHTS_FILES,
             revision=revision,
         )
-        try:
-            config = bart.DalleBartConfig.from_dict(checkpoint.read_json(folder / "config.json"))
-        except ValueError as error:
-            raise CheckpointError(f"{folder / 'config.json'}: {error}") from error
-        model = cls(config, dtype)
-        weights = folder / checkpoint.WEIGHTS_NAME
-        # read leaf by leaf into aligned buffers that the CPU device adopts: the weights are
-        # held once while loading, not two or three times
-        params = to_scanned(checkpoint.load_msgpack(weights, dtype=param_dtype))
-        checkpoint.check_tree(params, model.param_shapes(), weights)
-        params = checkpoint.to_device(params)
-        if _do_init:
-            model.params = params
-            return model
-        return model, params
 
     def save_pretrained(self, folder: str | os.PathLike, params=None) -> None:
         folder = Path(folder)
@@ -231,6 +253,52 @@ class DalleBart:
         # would be copied at every step
         params = sampling.split_decoder_layers(self._params(params))
         return self._run_steps(params, state, num_steps, only_image_codes)
+
+    def compile_sampler(
+        self,
+        batch_size: int,
+        *,
+        use_uncond: bool = True,
+        num_steps: int | None = None,
+        only_image_codes: bool = True,
+        param_dtype: Any = jnp.float32,
+        text_length: int | None = None,
+        block_length: int | None = None,
+    ) -> None:
+        """Compiles the sampler for `batch_size` images from the parameters' shapes alone.
+
+        Call it before loading the weights: the compiler's working memory is then spent and
+        given back to the system while the process is small, instead of on top of the weights
+        and the key/value cache (on a CPU, the largest moment of a cold first run: for the
+        mini's 3×3 grid, peak 3.03 GB compiling after loading, 2.86 GB compiling ahead). The
+        executables are kept (and written to the persistent compilation cache when one is on),
+        so `start_sampling` and `continue_sampling` with the same shapes and statics reuse
+        them.
+        `use_uncond` as `start_sampling` decides it (some condition scale other than 1), with
+        the usual empty prompt shared by every row; `num_steps` as given to
+        `continue_sampling` (all remaining by default).
+        """
+        length = self.config.max_text_length if text_length is None else int(text_length)
+        num_steps = self.config.image_length if num_steps is None else int(num_steps)
+        ids = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+        uncond = jax.ShapeDtypeStruct((1 if use_uncond else batch_size, length), jnp.int32)
+        knobs = jax.eval_shape(
+            lambda: sampling.Knobs.broadcast(
+                batch_size, condition_scale=1.0, temperature=1.0, top_k=0, top_p=1.0
+            )
+        )
+        row_keys = jax.ShapeDtypeStruct((batch_size, 2), jnp.uint32)
+        shapes = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, param_dtype), self.param_shapes()
+        )
+        params = jax.eval_shape(sampling.split_decoder_layers, shapes)  # as the calls pass them
+        args = (params, ids, ids, uncond, uncond, row_keys, knobs)
+        statics = {"use_uncond": use_uncond, "block_length": block_length}
+        self._init_state.lower(*args, **statics).compile()
+        state = jax.eval_shape(functools.partial(self._init_state, **statics), *args)
+        # passed as continue_sampling passes them: the cache key tells positions from names
+        self._run_steps.lower(params, state, num_steps, only_image_codes).compile()
+        compile_cache.release_freed_memory()  # the compiler's memory, before the weights come
 
     def unconditional_batch(self, batch_size: int):
         """Token ids of the empty prompt, `<s></s>` then padding, as the processor makes them."""
