@@ -250,7 +250,8 @@ def grid_positions(image_length: int, d_model: int, scale: float) -> np.ndarray:
     For the codes of an image (DalleBart's decoder) or the patches of one (a ViT), a raster of
     side × side. Half of the features are waves over the row, half over the column (sine and
     cosine at frequencies from π, period 2 places, down to π / side, half a period over the
-    whole side), scaled to the random init's standard deviation. Same table shape and format as
+    whole side), with standard deviation `scale` (the DalleBart's random init's; for a ViT, about
+    the patch embeddings', see `train_clip.new_params`). Same table shape and format as
     a random init, so nothing changes for loading or inference; the model still learns it, but
     starts knowing where in the image each place lies, which a small model trained briefly
     otherwise does not learn. Falls back to waves over the position (down to π / image_length)
