@@ -227,3 +227,5 @@ def test_a_sampler_compiled_before_loading_is_used_without_compiling_again(tiny)
     ahead.compile_sampler(count, text_length=length)  # shapes only: no weights yet
     np.testing.assert_array_equal(sample(ahead), expected)
     assert compiles == []
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        ahead.compile_sampler(0)
