@@ -103,8 +103,9 @@ class DalleBart:
         Returns `(model, params)` with `_do_init=False` (as the original), else the model with
         `model.params` set. float16 checkpoints load as `param_dtype` (float32 by default).
         """
-        model = cls.from_config(name_or_folder, revision, dtype)
-        params = model.load_params(name_or_folder, revision, param_dtype)
+        folder = cls._folder(name_or_folder, revision)  # a hub repo is fetched once, here
+        model = cls.from_config(folder, dtype=dtype)
+        params = model.load_params(folder, param_dtype=param_dtype)
         if _do_init:
             model.params = params
             return model

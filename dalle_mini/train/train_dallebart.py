@@ -86,8 +86,9 @@ def new_params(model_config: bart.DalleBartConfig, config: DalleBartTrainConfig)
     table from `grid_positions` when `config.grid_positions`."""
     params = bart_stacks.init_params(model_config, jax.random.PRNGKey(config.seed))
     if config.grid_positions:
-        table = common.grid_positions(model_config.image_length, model_config.d_model,
-                               model_config.init_std)  # fmt: skip
+        table = common.grid_positions(
+            model_config.image_length, model_config.d_model, model_config.init_std
+        )
         params["model"]["decoder"]["embed_positions"]["embedding"] = jnp.asarray(table)
     return params
 
