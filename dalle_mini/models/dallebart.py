@@ -293,7 +293,9 @@ class DalleBart:
                 batch_size, condition_scale=1.0, temperature=1.0, top_k=0, top_p=1.0
             )
         )
-        row_keys = jax.ShapeDtypeStruct((batch_size, 2), jnp.uint32)
+        row_keys = jax.eval_shape(  # as `generate` derives them from a jax.random.PRNGKey
+            sampling.row_keys_for, jax.random.PRNGKey(0), jnp.arange(batch_size)
+        )
         shapes = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, param_dtype), self.param_shapes()
         )
