@@ -14,6 +14,11 @@ setup:
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
 		else echo "note: install Debian's chromium and chromium-driver for the browser tests"; fi; \
 	fi
+	@# the CPU sampling kernel (dalle_mini/cpu_kernels) is compiled on first use with g++
+	@if ! command -v g++ >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq g++ >/dev/null; \
+		else echo "note: install g++ for the fast CPU sampler (XLA's products are used without it)"; fi; \
+	fi
 
 app:
 	$(BIN)/python app.py --model embedded

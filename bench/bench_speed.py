@@ -84,11 +84,15 @@ def _end_of_loading() -> dict[str, float]:
     return {"peak_rss_loading_gb": memory["VmHWM"], "rss_after_load_gb": memory["VmRSS"]}
 
 
-def run_ours(work: Path, workload: str, dtype_name: str, seed: int) -> dict:
+def run_ours(work: Path, workload: str, dtype_name: str, seed: int,
+             pack_weights: bool | None = None) -> dict:  # fmt: skip
+    """One grid. `pack_weights` as `DalleBart.load_params` takes it: None packs the decoder's
+    step matrices for the CPU kernel where it pays (the mini on a CPU), False keeps XLA's
+    products (the "xla" implementation of `--compare-xla`)."""
     import jax
     import jax.numpy as jnp
 
-    from dalle_mini import sampling
+    from dalle_mini import cpu_kernels, sampling
     from dalle_mini.models.dallebart import DalleBart
     from dalle_mini.models.vqgan import VQModel
 
@@ -96,10 +100,10 @@ def run_ours(work: Path, workload: str, dtype_name: str, seed: int) -> dict:
     model = DalleBart.from_config(work / "dallebart", dtype=dtype)
     # the sampler compiled from the weights' shapes, before they are read: the compiler's
     # working memory comes and goes while the process is small
-    model.compile_sampler(count, param_dtype=dtype, text_length=64)
+    model.compile_sampler(count, param_dtype=dtype, text_length=64, pack_weights=pack_weights)
     compiled_ahead = clock.seconds
     start = time.perf_counter()
-    params = model.load_params(work / "dallebart", param_dtype=dtype)
+    params = model.load_params(work / "dallebart", param_dtype=dtype, pack_weights=pack_weights)
     vqgan, vqgan_params = VQModel.from_pretrained(work / "vqgan", decoder_only=True)
     loaded = time.perf_counter()
     memory = _end_of_loading()
@@ -134,6 +138,12 @@ def run_ours(work: Path, workload: str, dtype_name: str, seed: int) -> dict:
         "compile_seconds": compiled_ahead + sample_compile + decode_compile,
         "sampler_compile_seconds": compiled_ahead + sample_compile,
         "codes_checksum": int(codes.sum()),
+        "packed_weights": any(
+            isinstance(leaf, cpu_kernels.PackedKernel)
+            for leaf in jax.tree.leaves(
+                params, is_leaf=lambda leaf: isinstance(leaf, cpu_kernels.PackedKernel)
+            )
+        ),
     }
 
 
@@ -181,8 +191,11 @@ def child_main(args) -> None:
         from dalle_mini.compile_cache import enable_compile_cache
 
         enable_compile_cache(args.compile_cache, min_compile_time_secs=0.0)
-    run = {"ours": run_ours, "pipeline": run_pipeline, "peer": run_peer}[args.impl]
+    runners = {"ours": run_ours, "xla": run_ours, "pipeline": run_pipeline, "peer": run_peer}
+    run = runners[args.impl]
     extra = {"steps": args.peer_steps} if args.impl == "peer" else {}
+    if args.impl == "xla":
+        extra = {"pack_weights": False}
     result = run(Path(args.work_dir), args.workload, args.dtype, args.seed, **extra)
     result["peak_rss_run_gb"] = _memory_gb()["VmHWM"]
     result["peak_rss_gb"] = max(result["peak_rss_run_gb"], result["peak_rss_loading_gb"])
@@ -376,6 +389,7 @@ def summarize(runs: list[dict], images: int) -> dict:
             else None
         ),
         "all_seconds_per_grid": [run["sample_seconds"] + run["decode_seconds"] for run in runs],
+        **({"packed_weights": runs[0]["packed_weights"]} if "packed_weights" in runs[0] else {}),
         "all_sample_seconds": [run["sample_seconds"] for run in runs],
         **({"steps_timed_of_256": runs[0]["steps_timed"]} if "steps_timed" in runs[0] else {}),
     }
@@ -393,7 +407,7 @@ def print_table(results: dict) -> None:
             print(f"{workload:9} {dtype:9} skipped: {entry['skipped']}")
             continue
         floor = entry.get("floor", {}).get("floor_seconds")
-        for impl in ("ours", "peer"):
+        for impl in ("ours", "xla", "peer"):
             row = entry.get(impl)
             if not row:
                 continue
@@ -431,7 +445,9 @@ def parent_main(args) -> None:
                 print(f"workload c skipped: {skip}")
                 results["workloads"][key] = {"skipped": skip}
                 continue
-            impls = ["pipeline"] if workload == "c" else ["ours"] + ([] if no_peer else ["peer"])
+            impls = ["ours"] + (["xla"] if args.compare_xla else []) + ([] if no_peer else ["peer"])
+            if workload == "c":
+                impls = ["pipeline"]
             runs = {impl: [] for impl in impls}
             for run in range(args.runs):
                 for impl in impls:  # interleaved: A B A B ...
@@ -450,6 +466,17 @@ def parent_main(args) -> None:
             images = WORKLOAD_IMAGES[workload]
             entry = {("ours" if impl == "pipeline" else impl): summarize(rows, images)
                      for impl, rows in runs.items()}  # fmt: skip
+            if "xla" in entry:  # the CPU kernel against XLA's products, paired runs
+                entry["speedup_over_xla"] = statistics.median(
+                    x / o
+                    for x, o in zip(entry["xla"]["all_seconds_per_grid"],
+                                    entry["ours"]["all_seconds_per_grid"], strict=True)
+                )  # fmt: skip
+                entry["speedup_over_xla_sampling"] = statistics.median(
+                    x / o
+                    for x, o in zip(entry["xla"]["all_sample_seconds"],
+                                    entry["ours"]["all_sample_seconds"], strict=True)
+                )  # fmt: skip
             if workload != "c":
                 entry["floor"] = floor_seconds(workload, dtype, machine)
             if "peer" in entry:  # medians of the ratios of neighbouring runs (A B, A B, ...)
@@ -481,6 +508,10 @@ def parent_main(args) -> None:
             print(f"{key}: ours is {entry['speedup']:.1f}× faster end to end, "
                   f"{entry['speedup_sampling']:.1f}× at sampling "
                   "(medians of paired runs)")  # fmt: skip
+        if "speedup_over_xla" in entry:
+            print(f"{key}: the packed CPU kernel is {entry['speedup_over_xla']:.2f}× XLA's "
+                  f"products end to end, {entry['speedup_over_xla_sampling']:.2f}× at sampling "
+                  "(medians of paired runs)")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.out}")
@@ -499,6 +530,9 @@ def main(argv=None) -> None:
                         "all cost the same); 256 runs it whole")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0,
                         help="CPUs each run may use (both implementations); 0: all")  # fmt: skip
+    parser.add_argument("--compare-xla", action="store_true",
+                        help="also time ours with plain weights and XLA's products ('xla'), "
+                        "interleaved with the others")  # fmt: skip
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)

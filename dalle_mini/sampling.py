@@ -259,6 +259,13 @@ def run_steps(params, config: bart.DalleBartConfig, state: SamplerState, num_ste
     cross_rows = state.cross_keys[0].shape[0]
     shared_rows = batch if use_uncond and cross_rows != 2 * batch else 0
     block_length = state.cache_keys[0][0].shape[2]
+    cross_kv = tuple(zip(state.cross_keys, state.cross_values, strict=True))
+    cross_bias = state.cross_bias
+    if shared_rows:  # the prompts' rows and the shared row apart, once, not at every step
+        own = cross_rows - 1
+        cross_kv = tuple((bart.split_shared(keys, own), bart.split_shared(values, own))
+                         for keys, values in cross_kv)  # fmt: skip
+        cross_bias = bart.split_shared(cross_bias, own)
 
     def body(block: int, state: SamplerState) -> SamplerState:
         """A step whose position lies in `block`: reads blocks 0..block, writes `block`."""
@@ -271,9 +278,7 @@ def run_steps(params, config: bart.DalleBartConfig, state: SamplerState, num_ste
             for keys, values in zip(state.cache_keys, state.cache_values, strict=True)
         )  # fmt: skip
         logits, written = bart_stacks.decode_step(
-            params, config, tokens, step, visible,
-            tuple(zip(state.cross_keys, state.cross_values, strict=True)), state.cross_bias, dtype,
-            shared_rows,
+            params, config, tokens, step, visible, cross_kv, cross_bias, dtype, shared_rows,
         )  # fmt: skip
         cond, uncond = (logits[:batch], logits[batch:]) if use_uncond else (logits, None)
         codes = next_codes(cond, uncond, state, config, only_image_codes)

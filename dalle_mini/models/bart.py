@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dalle_mini import cpu_kernels
+
 Array = jax.Array
 Params = dict[str, Any]
 _NEG_INF = -1e30  # finite, so a row with every key masked yields uniform weights, not NaN
@@ -159,10 +161,24 @@ def _dot_accumulate_float32(lhs, rhs, dimension_numbers, precision=None,
     return _dot_float32(lhs, rhs, dimension_numbers, precision).astype(lhs.dtype)
 
 
-def _dense(config: DalleBartConfig, features: int, dtype: Any, **kwargs) -> nn.Dense:
+class Projection(nn.Dense):
+    """`nn.Dense` whose kernel may also come packed for the CPU kernel (`cpu_kernels`), as
+    `pack_decoder` leaves the decoder's matrices on CPUs: then the product runs there."""
+
+    float32_output: bool = False  # as `_dot_float32` gives: the packed product's own float32
+
+    def __call__(self, inputs: Array) -> Array:
+        kernel = self.get_variable("params", "kernel")
+        if isinstance(kernel, cpu_kernels.PackedKernel):
+            out = cpu_kernels.matmul(inputs, kernel)  # float32 sums, as _dot_accumulate_float32
+            return out if self.float32_output else out.astype(self.dtype or inputs.dtype)
+        return super().__call__(inputs)
+
+
+def _dense(config: DalleBartConfig, features: int, dtype: Any, **kwargs) -> Projection:
     init = nn.initializers.normal(config.init_std)
     kwargs.setdefault("dot_general", _dot_accumulate_float32)
-    return nn.Dense(features, use_bias=False, dtype=dtype, kernel_init=init, **kwargs)
+    return Projection(features, use_bias=False, dtype=dtype, kernel_init=init, **kwargs)
 
 
 def _split_heads(x: Array, num_heads: int) -> Array:
@@ -201,6 +217,11 @@ def _attend_one(q: Array, keys, values, bias) -> Array:
     return sum(parts[1:], parts[0]).astype(q.dtype)  # (B, H, Dh)
 
 
+def split_shared(array: Array | tuple[Array, Array], own: int) -> tuple[Array, Array]:
+    """(R, ...) rows -> (the first `own` rows, the shared last row); a pair passes as it is."""
+    return array if isinstance(array, tuple) else (array[:own], array[own])
+
+
 class Attention(nn.Module):
     """Multi-head attention with bias-free q/k/v/out projections (`FlaxBartAttention_i`)."""
 
@@ -237,14 +258,19 @@ class Attention(nn.Module):
         """One token per row, x (B, D), against heads-first keys/values (R, H, S, Dh).
 
         With `shared_rows` > 0, R = B - shared_rows + 1: the last `shared_rows` rows of x all
-        attend to the last row of keys/values (the unconditional prompt, stored once).
+        attend to the last row of keys/values (the unconditional prompt, stored once). keys,
+        values and bias may then also come as `split_shared` pairs, split once outside a loop
+        (inside one, each step would copy the rows out of the array).
         """
         q = self.q_proj(x).reshape(x.shape[0], self.num_heads, -1)  # (B, H, Dh)
         if shared_rows:
             own = x.shape[0] - shared_rows
+            (keys, shared_keys), (values, shared_values), (bias, shared_bias) = (
+                split_shared(array, own) for array in (keys, values, bias)
+            )
             context = jnp.concatenate([
-                _attend_one(q[:own], (keys[:own],), (values[:own],), (bias[:own],)),
-                _attend_one(q[own:], (keys[own],), (values[own],), (bias[own],)),
+                _attend_one(q[:own], (keys,), (values,), (bias,)),
+                _attend_one(q[own:], (shared_keys,), (shared_values,), (shared_bias,)),
             ])  # fmt: skip
         else:
             context = _attend_one(q, (keys,), (values,), (bias,))  # (B, H, Dh)
@@ -267,10 +293,11 @@ class GLU(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         x = _layer_norm(self.dtype, use_scale=False)(x)
-        gate = nn.gelu(_dense(self.config, self.ffn_dim, self.dtype)(x), approximate=False)
-        x = gate * _dense(self.config, self.ffn_dim, self.dtype)(x)  # (B, T, F)
+        dense = lambda features, i: _dense(self.config, features, self.dtype, name=f"Dense_{i}")  # noqa: E731
+        gate = nn.gelu(dense(self.ffn_dim, 0)(x), approximate=False)
+        x = gate * dense(self.ffn_dim, 1)(x)  # (B, T, F)
         x = _layer_norm(self.dtype, use_scale=False)(x)
-        return _dense(self.config, self.config.d_model, self.dtype)(x)
+        return dense(self.config.d_model, 2)(x)
 
 
 class EncoderLayer(nn.Module):

@@ -10,17 +10,21 @@ cross-attention keys and values computed once per request by `cross_keys_values`
 is bound by reading the weights and the cache): the layers are unrolled and every layer's cache
 is its own arrays in heads-first layout (R, H, S, Dh), held in blocks of positions so a step
 reads only the filled ones; the attention reads them in place, with no per-layer slice,
-concatenation or transpose copies, and the new key/value is written in place.
+concatenation or transpose copies, and the new key/value is written in place. On CPUs, the
+matrices a step multiplies by can be packed once for a dedicated product (`pack_decoder`,
+`cpu_kernels`), which XLA's own products, made for many rows, are not.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dalle_mini import cpu_kernels
 from dalle_mini.models.bart import (
     _NEG_INF,
     Array,
@@ -108,7 +112,8 @@ def encode(params: Params, config: DalleBartConfig, input_ids: Array, attention_
 
 def _lm_head(params: Params, config: DalleBartConfig, hidden: Array, dtype: Any) -> Array:
     """Logits in float32, accumulated in float32 whatever the compute dtype."""
-    head = _dense(config, config.image_vocab_size + 1, dtype, dot_general=_dot_float32)
+    head = _dense(config, config.image_vocab_size + 1, dtype, dot_general=_dot_float32,
+                  float32_output=True)  # fmt: skip
     return head.apply({"params": params["lm_head"]}, hidden).astype(jnp.float32)
 
 
@@ -120,6 +125,71 @@ def decode(params: Params, config: DalleBartConfig, decoder_input_ids: Array,
     hidden = _run_stack(params, config, "decoder", decoder_input_ids, layer, encoder_hidden,
                         key_bias(attention_mask), unroll=unroll)  # fmt: skip
     return _lm_head(params, config, hidden, dtype)
+
+
+# The decoder matrices a sampling step multiplies by (the cross-attention's keys and values are
+# computed once per prompt, by the plain products, which are faster for that many rows).
+_STEP_MATRIX = re.compile(
+    r"^(FlaxBartAttention_0/(q|k|v|out)_proj|FlaxBartAttention_1/(q|out)_proj|GLU_0/Dense_\d)/kernel$"
+)
+# Below this width the decoder's matrices stay in the CPU's caches and XLA's products keep up.
+PACK_MIN_D_MODEL = 512
+
+
+def should_pack(config: DalleBartConfig, dtype: Any, param_dtype: Any) -> bool:
+    """Whether `pack_decoder` pays here: the model computes in the dtype it keeps its weights
+    in (float32, or bfloat16 on CPUs with AVX-512 BF16), the CPU kernel for it is available,
+    and the decoder is at least `PACK_MIN_D_MODEL` wide."""
+    return (
+        config.d_model >= PACK_MIN_D_MODEL
+        and jnp.dtype(dtype) == jnp.dtype(param_dtype)
+        and cpu_kernels.available(param_dtype)
+    )
+
+
+def pack_decoder(params: Params) -> Params:
+    """Packs the matrices a sampling step multiplies by (every decoder layer's self-attention
+    projections, cross-attention query and output, GLU, and the lm_head) for
+    `cpu_kernels.matmul`. The numbers are unchanged and every function here accepts the result.
+
+    Works in place, one stacked matrix at a time, so each plain matrix is released as soon as
+    its packed copy exists (the weights are not held twice); returns `params`. Accepts a tree
+    of `jax.ShapeDtypeStruct` (giving the packed shapes) as well.
+    """
+    layers = stacked_layers(params, "decoder")
+    if isinstance(layers, (tuple, list)):
+        raise ValueError("pack_decoder needs the stacked layout (before split_decoder_layers)")
+    for path in list(_leaf_paths(layers)):
+        if _STEP_MATRIX.match("/".join(path)):
+            _replace(layers, path, cpu_kernels.pack)
+    _replace(params, ("lm_head", "kernel"), cpu_kernels.pack)
+    return params
+
+
+def unpack(params: Params) -> Params:
+    """The tree with every packed matrix back in its plain (..., K, N) form (a new tree)."""
+    return jax.tree.map(
+        lambda leaf: leaf.unpack() if isinstance(leaf, cpu_kernels.PackedKernel) else leaf,
+        params,
+        is_leaf=lambda leaf: isinstance(leaf, cpu_kernels.PackedKernel),
+    )
+
+
+def _leaf_paths(tree: dict, prefix: tuple[str, ...] = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaf_paths(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+def _replace(tree: dict, path: tuple[str, ...], fn) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    leaf = tree.pop(path[-1])
+    if not isinstance(leaf, cpu_kernels.PackedKernel):
+        leaf = fn(leaf)
+    tree[path[-1]] = leaf
 
 
 def _layer_params(params: Params, side: str, index: int) -> Params:
@@ -155,7 +225,8 @@ def decode_step(params: Params, config: DalleBartConfig, tokens: Array, index: A
         and value are written into that last block (in place inside a compiled loop).
       cross_kv: per layer, from `cross_keys_values`; cross_bias (R', 1, T): 0 or -inf per
         prompt position, one row per cross_kv row.
-      shared_rows: when > 0, the last `shared_rows` rows share the last cross_kv row.
+      shared_rows: when > 0, the last `shared_rows` rows share the last cross_kv row; the
+        keys, values and cross_bias may then come as `bart.split_shared` pairs.
     Returns:
       logits (R, image_vocab_size + 1) in float32 and, per layer, the updated last
       (keys, values) block.

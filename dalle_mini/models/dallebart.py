@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_mini import checkpoint, compile_cache, sampling
+from dalle_mini import checkpoint, compile_cache, cpu_kernels, sampling
 from dalle_mini.hub import CheckpointError, resolve_folder
 from dalle_mini.models import bart, bart_stacks
 
@@ -96,16 +96,18 @@ class DalleBart:
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         _do_init: bool = False,
+        pack_weights: bool | None = None,
         **ignored,
     ):
         """Loads a checkpoint folder, hub repo id or "embedded".
 
         Returns `(model, params)` with `_do_init=False` (as the original), else the model with
         `model.params` set. float16 checkpoints load as `param_dtype` (float32 by default).
+        `pack_weights`: see `load_params`.
         """
         folder = cls._folder(name_or_folder, revision)  # a hub repo is fetched once, here
         model = cls.from_config(folder, dtype=dtype)
-        params = model.load_params(folder, param_dtype=param_dtype)
+        params = model.load_params(folder, param_dtype=param_dtype, pack_weights=pack_weights)
         if _do_init:
             model.params = params
             return model
@@ -129,14 +131,37 @@ class DalleBart:
         name_or_folder: str | os.PathLike,
         revision: str | None = None,
         param_dtype: Any = jnp.float32,
+        pack_weights: bool | None = None,
     ):
-        """The checkpoint's weights, checked against this model's shapes, on the device."""
+        """The checkpoint's weights, checked against this model's shapes, on the device.
+
+        `pack_weights`: lay the matrices a sampling step multiplies by out for the CPU kernel
+        (`bart_stacks.pack_decoder`; same numbers, other shapes; `save_pretrained` writes them
+        plain). None (default) packs where it pays (`bart_stacks.should_pack`: a CPU with the
+        kernel, weights in the compute dtype, the mini's width or more); True insists
+        (ValueError where it cannot).
+        """
+        pack = self._packs(pack_weights, param_dtype)
         weights = self._folder(name_or_folder, revision) / checkpoint.WEIGHTS_NAME
         # read leaf by leaf into aligned buffers that the CPU device adopts: the weights are
         # held once while loading, not two or three times
         params = to_scanned(checkpoint.load_msgpack(weights, dtype=param_dtype))
         checkpoint.check_tree(params, self.param_shapes(), weights)
-        return checkpoint.to_device(params)
+        params = checkpoint.to_device(params)
+        return bart_stacks.pack_decoder(params) if pack else params
+
+    def _packs(self, pack_weights: bool | None, param_dtype: Any) -> bool:
+        if pack_weights is None:
+            return bart_stacks.should_pack(self.config, self.dtype, param_dtype)
+        if pack_weights:
+            problem = cpu_kernels.unavailable_reason(param_dtype) or (
+                None
+                if jnp.dtype(self.dtype) == jnp.dtype(param_dtype)
+                else "the CPU kernel computes in its weights' dtype"
+            )
+            if problem:
+                raise ValueError(f"pack_weights=True, but {problem}; pass pack_weights=None")
+        return bool(pack_weights)
 
     @classmethod
     def _folder(cls, name_or_folder, revision) -> Path:
@@ -151,7 +176,8 @@ class DalleBart:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / checkpoint.CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
-        checkpoint.save_msgpack(folder / checkpoint.WEIGHTS_NAME, self._params(params))
+        plain = bart_stacks.unpack(self._params(params))  # packed matrices in the published form
+        checkpoint.save_msgpack(folder / checkpoint.WEIGHTS_NAME, plain)
 
     def init_params(self, rng: Array):
         return bart_stacks.init_params(self.config, rng)
@@ -265,6 +291,7 @@ class DalleBart:
         param_dtype: Any = jnp.float32,
         text_length: int | None = None,
         block_length: int | None = None,
+        pack_weights: bool | None = None,
     ) -> None:
         """Compiles the sampler for `batch_size` images from the parameters' shapes alone.
 
@@ -277,7 +304,8 @@ class DalleBart:
         them.
         `use_uncond` as `start_sampling` decides it (some condition scale other than 1), with
         the usual empty prompt shared by every row; `num_steps` as given to
-        `continue_sampling` (all remaining by default).
+        `continue_sampling` (all remaining by default); `param_dtype` and `pack_weights` as
+        given to `load_params`.
         """
         length = self.config.max_text_length if text_length is None else int(text_length)
         num_steps = self.config.image_length if num_steps is None else int(num_steps)
@@ -299,6 +327,8 @@ class DalleBart:
         shapes = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, param_dtype), self.param_shapes()
         )
+        if self._packs(pack_weights, param_dtype):
+            shapes = bart_stacks.pack_decoder(shapes)
         params = jax.eval_shape(sampling.split_decoder_layers, shapes)  # as the calls pass them
         args = (params, ids, ids, uncond, uncond, row_keys, knobs)
         statics = {"use_uncond": use_uncond, "block_length": block_length}

@@ -1,0 +1,237 @@
+// x (M, K) @ w (K, N) for few rows (M) and large weights, with w prepacked in panels of 32
+// columns, P = ceil(N / 32), columns past N zero. XLA FFI custom calls for the CPU, built by
+// dalle_mini/cpu_kernels/__init__.py with -mavx512f -mfma -mavx512bf16:
+//   float32:  panels (P, K, 32);         x float32, out float32.
+//   bfloat16: panels (P, ceil(K/2), 64), row j holding rows 2j and 2j+1 of w interleaved
+//             column by column (w[2j][c], w[2j+1][c], ...), as the AVX-512 BF16 dot product
+//             of pairs reads them; x bfloat16; products summed in float32, out float32.
+//
+// Why: a sampling step multiplies 2 rows per image by every decoder matrix. XLA:CPU's matrix
+// products copy (pack) the weight matrix on every call, which for so few rows costs more than
+// the arithmetic; packed once at load time, each panel is one contiguous stream, read once
+// per tile of rows while its accumulators stay in registers.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kPanel = 32;     // columns per panel: two 16-float vectors
+constexpr int kTileRows = 9;   // rows per tile: 18 accumulators + 2 weight vectors in registers
+constexpr int kPrefetch = 24;  // panel rows ahead to prefetch
+
+// Rows [0, R) of x (row stride k) times one panel, into out's 32 columns (or `cols` < 32).
+template <int R>
+void Tile(const float* x, int64_t k, const float* panel, float* out, int64_t ldo, int cols) {
+  __m512 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    const float* row = panel + i * kPanel;
+    const __m512 w0 = _mm512_loadu_ps(row);
+    const __m512 w1 = _mm512_loadu_ps(row + 16);
+    _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * kPanel), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * kPanel + 16), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xr = _mm512_set1_ps(x[r * k + i]);
+      lo[r] = _mm512_fmadd_ps(xr, w0, lo[r]);
+      hi[r] = _mm512_fmadd_ps(xr, w1, hi[r]);
+    }
+  }
+  const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 mask_hi =
+      cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1));
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(out + r * ldo, mask_lo, lo[r]);
+    _mm512_mask_storeu_ps(out + r * ldo + 16, mask_hi, hi[r]);
+  }
+}
+
+using TileFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int);
+constexpr TileFn kTiles[kTileRows + 1] = {nullptr,  Tile<1>, Tile<2>, Tile<3>, Tile<4>,
+                                          Tile<5>,  Tile<6>, Tile<7>, Tile<8>, Tile<9>};
+
+// The bfloat16 tile: pairs of x's columns (k odd: the last pair's second value is 0) against
+// a panel's pairs of rows, each dot product of pairs summed into float32 lanes.
+template <int R>
+void TileBf16(const uint16_t* x, int64_t k, const uint16_t* panel, float* out, int64_t ldo,
+              int cols) {
+  __m512 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  const int64_t pairs = k / 2;
+  for (int64_t j = 0; j < (k + 1) / 2; ++j) {
+    const uint16_t* row = panel + j * 2 * kPanel;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(row + 32);
+    _mm_prefetch(reinterpret_cast<const char*>(row + 2 * kPrefetch * kPanel), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + 2 * kPrefetch * kPanel + 32), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* xr = x + r * k + 2 * j;
+      const uint32_t pair = j < pairs ? static_cast<uint32_t>(xr[0]) |
+                                            (static_cast<uint32_t>(xr[1]) << 16)
+                                      : static_cast<uint32_t>(xr[0]);
+      const __m512bh xp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      lo[r] = _mm512_dpbf16_ps(lo[r], xp, w0);
+      hi[r] = _mm512_dpbf16_ps(hi[r], xp, w1);
+    }
+  }
+  const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 mask_hi =
+      cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1));
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(out + r * ldo, mask_lo, lo[r]);
+    _mm512_mask_storeu_ps(out + r * ldo + 16, mask_hi, hi[r]);
+  }
+}
+
+using TileBf16Fn = void (*)(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int);
+constexpr TileBf16Fn kTilesBf16[kTileRows + 1] = {
+    nullptr,         TileBf16<1>, TileBf16<2>, TileBf16<3>, TileBf16<4>,
+    TileBf16<5>,     TileBf16<6>, TileBf16<7>, TileBf16<8>, TileBf16<9>};
+
+template <typename T>
+struct Kernel;  // the tiles and a panel's size in elements, per input type
+
+template <>
+struct Kernel<float> {
+  static constexpr const TileFn* tiles = kTiles;
+  static int64_t PanelSize(int64_t k) { return k * kPanel; }
+};
+
+template <>
+struct Kernel<uint16_t> {
+  static constexpr const TileBf16Fn* tiles = kTilesBf16;
+  static int64_t PanelSize(int64_t k) { return (k + 1) / 2 * 2 * kPanel; }
+};
+
+// Panels [first, last) for every row of x.
+template <typename T>
+void Panels(const T* x, const T* w, float* out, int64_t m, int64_t k, int64_t n, int64_t first,
+            int64_t last) {
+  for (int64_t p = first; p < last; ++p) {
+    const T* panel = w + p * Kernel<T>::PanelSize(k);
+    const int cols = static_cast<int>(std::min<int64_t>(kPanel, n - p * kPanel));
+    for (int64_t r = 0; r < m; r += kTileRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - r));
+      Kernel<T>::tiles[rows](x + r * k, k, panel, out + r * n + p * kPanel, n, cols);
+    }
+  }
+}
+
+// Work shared between the calling thread and tasks on XLA's intra-op pool: chunks of panels
+// are claimed from a counter; the call returns once every claimed chunk is done. A task that
+// starts after all chunks are claimed finds nothing to do (the state outlives the call).
+template <typename T>
+struct Shared {
+  const T* x;
+  const T* w;
+  float* out;
+  int64_t m, k, n, panels, chunk, chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mutex;
+  std::condition_variable finished;
+
+  void Work() {
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      Panels<T>(x, w, out, m, k, n, c * chunk, std::min(panels, (c + 1) * chunk));
+      if (done.fetch_add(1) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(mutex);
+        finished.notify_all();
+      }
+    }
+  }
+};
+
+// x (..., K) times panels into out (..., N), on the calling thread and XLA's intra-op pool.
+template <ffi::DataType D>
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D, 3> w,
+                        ffi::ResultBuffer<ffi::F32> out) {
+  using T = ffi::NativeType<D>;
+  const auto x_dims = x.dimensions();
+  const auto w_dims = w.dimensions();
+  const auto out_dims = out->dimensions();
+  if (x_dims.size() < 1 || out_dims.size() != x_dims.size()) {
+    return ffi::Error::InvalidArgument("packed_matmul: x and out need the same rank >= 1");
+  }
+  const int64_t k = x_dims.back();
+  const int64_t n = out_dims.back();
+  const int64_t panels = w_dims[0];
+  if (w_dims[1] * w_dims[2] != Kernel<T>::PanelSize(k) || panels * kPanel < n ||
+      (panels - 1) * kPanel >= n) {
+    return ffi::Error::InvalidArgument("packed_matmul: panels do not match x and out");
+  }
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < x_dims.size(); ++i) {
+    if (x_dims[i] != out_dims[i]) {
+      return ffi::Error::InvalidArgument("packed_matmul: x and out rows differ");
+    }
+    m *= x_dims[i];
+  }
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::fill(out->typed_data(), out->typed_data() + m * n, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads == 1 || panels < 8) {
+    Panels<T>(x.typed_data(), w.typed_data(), out->typed_data(), m, k, n, 0, panels);
+    return ffi::Error::Success();
+  }
+  auto shared = std::make_shared<Shared<T>>();
+  shared->x = x.typed_data();
+  shared->w = w.typed_data();
+  shared->out = out->typed_data();
+  shared->m = m;
+  shared->k = k;
+  shared->n = n;
+  shared->panels = panels;
+  shared->chunk = std::max<int64_t>(1, panels / (4 * threads));
+  shared->chunks = (panels + shared->chunk - 1) / shared->chunk;
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([shared] { shared->Work(); });
+  shared->Work();
+  std::unique_lock<std::mutex> lock(shared->mutex);
+  shared->finished.wait(lock, [&] { return shared->done.load() == shared->chunks; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// aliases: the handler macro splits its arguments on commas
+using RowsF32 = ffi::Buffer<ffi::F32>;  // x (..., K), out (..., N)
+using PanelsF32 = ffi::Buffer<ffi::F32, 3>;
+using RowsBf16 = ffi::Buffer<ffi::BF16>;
+using PanelsBf16 = ffi::Buffer<ffi::BF16, 3>;
+constexpr auto PackedMatmulF32 = PackedMatmul<ffi::F32>;
+constexpr auto PackedMatmulBf16 = PackedMatmul<ffi::BF16>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleMiniPackedMatmul, PackedMatmulF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<RowsF32>()
+                                  .Arg<PanelsF32>()
+                                  .Ret<RowsF32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleMiniPackedMatmulBf16, PackedMatmulBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<RowsBf16>()
+                                  .Arg<PanelsBf16>()
+                                  .Ret<RowsF32>());
+
+// 1: float32 kernel; 2: the bfloat16 one as well; 0: neither (no AVX-512 here).
+extern "C" int DalleMiniCpuSupport() {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("fma")) return 0;
+  return __builtin_cpu_supports("avx512bf16") ? 2 : 1;
+}
