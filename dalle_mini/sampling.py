@@ -222,13 +222,14 @@ def init_state(params, config: bart.DalleBartConfig, input_ids: Array, attention
         attention_mask = jnp.concatenate([attention_mask, uncond_mask], axis=0)
         rows = 2 * batch
     encoder_hidden = bart_stacks.encode(params, config, input_ids, attention_mask, dtype)
-    # keys and values stay float32 whatever the compute dtype: XLA:CPU has no bfloat16 kernel for
-    # the attention's batched products and would convert a bfloat16 cache at every step
+    # the prompts' keys and values stay float32 whatever the compute dtype: XLA:CPU has no
+    # bfloat16 kernel for the attention's batched products and would convert them at every step
     cross_kv = bart_stacks.cross_keys_values(params, config, encoder_hidden, dtype)
     cross_kv = jax.tree.map(lambda kv: kv.astype(jnp.float32), cross_kv)
     block_shape = (rows, config.decoder_attention_heads, block_length, config.head_dim)
+    cache_dtype = bart_stacks.cache_dtype(params, config, dtype)
     empty_cache = lambda: tuple(  # noqa: E731
-        tuple(jnp.zeros(block_shape, jnp.float32)
+        tuple(jnp.zeros(block_shape, cache_dtype)
               for _ in range(config.image_length // block_length))
         for _ in range(config.decoder_layers)
     )  # fmt: skip

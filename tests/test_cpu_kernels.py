@@ -70,6 +70,26 @@ def test_packed_product_takes_leading_axes_and_checks_shapes():
         cpu_kernels.matmul(jnp.asarray(x[..., :47]), cpu_kernels.pack(w))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("length", [1, 7, 40])
+def test_cached_attention_reads_only_the_filled_positions(dtype, length):
+    """softmax(q . k) v over the first `length` positions; what lies past them (here NaN, in
+    sampling the positions not written yet) changes nothing."""
+    if not cpu_kernels.available(dtype):
+        pytest.skip(f"CPU kernel: {cpu_kernels.unavailable_reason(dtype)}")
+    rng = np.random.default_rng(length)
+    q = jnp.asarray(rng.standard_normal((3, 2, 32)) / 6, jnp.float32)
+    keys, values = (rng.standard_normal((3, 2, 40, 32)) for _ in range(2))
+    for cache in (keys, values):
+        cache[:, :, length:] = np.nan
+    keys, values = jnp.asarray(keys, dtype), jnp.asarray(values, dtype)
+    out = jax.jit(cpu_kernels.cached_attention)(q, keys, values, length)
+    filled = lambda cache: cache[:, :, :length].astype(jnp.float32)  # noqa: E731
+    weights = jax.nn.softmax(jnp.einsum("bhd,bhsd->bhs", q, filled(keys)), axis=-1)
+    expected = jnp.einsum("bhs,bhsd->bhd", weights, filled(values))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
 def test_small_decoders_are_not_packed_by_default(plain):
     model, params = DalleBart.from_pretrained(SCAN)
     kernels = [leaf for leaf in jax.tree.leaves(params, is_leaf=_is_packed) if _is_packed(leaf)]
@@ -121,6 +141,11 @@ def test_packed_bfloat16_model_stays_close_to_the_original(plain, reference):
     assert np.mean(np.argmax(logits, -1) == np.argmax(reference["logits"], -1)) > 0.9
     unpacked = DalleBart(model.config, dtype=jnp.bfloat16)(*args, params=bart_stacks.unpack(params))
     np.testing.assert_allclose(logits, unpacked.logits, atol=0.05)
+    # sampling: the kernels' steps, over a bfloat16 cache
+    batch = {key: reference[key] for key in BATCH_KEYS}
+    greedy = model.generate(**batch, params=params, top_k=1, condition_scale=10.0,
+                            only_image_codes=False).sequences  # fmt: skip
+    assert np.mean(np.asarray(greedy) == reference["greedy_cs10"]) >= 0.9
 
 
 @needs_kernel

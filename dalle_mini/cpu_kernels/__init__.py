@@ -33,9 +33,15 @@ import numpy as np
 from dalle_mini import checkpoint
 
 PANEL = 32  # columns per panel, as packed_matmul.cc
-TARGETS = {  # custom call name, library symbol, per weight dtype
-    jnp.dtype(jnp.float32): ("dalle_mini_packed_matmul", "DalleMiniPackedMatmul"),
-    jnp.dtype(jnp.bfloat16): ("dalle_mini_packed_matmul_bf16", "DalleMiniPackedMatmulBf16"),
+TARGETS = {  # per weight (or cache) dtype: custom call name -> library symbol
+    jnp.dtype(jnp.float32): {
+        "dalle_mini_packed_matmul": "DalleMiniPackedMatmul",
+        "dalle_mini_cached_attention": "DalleMiniCachedAttention",
+    },
+    jnp.dtype(jnp.bfloat16): {
+        "dalle_mini_packed_matmul_bf16": "DalleMiniPackedMatmulBf16",
+        "dalle_mini_cached_attention_bf16": "DalleMiniCachedAttentionBf16",
+    },
 }
 ENV_SWITCH = "DALLE_MINI_CPU_KERNELS"  # "0"/"off" keeps XLA's products everywhere
 ENV_CACHE = "DALLE_MINI_KERNEL_CACHE"
@@ -119,8 +125,26 @@ def matmul(x: jax.Array, kernel: PackedKernel) -> jax.Array:
         raise ValueError(f"x has {x.shape[-1]} features; the matrix expects {kernel.in_features}")
     register(kernel.dtype)
     out = jax.ShapeDtypeStruct((*x.shape[:-1], kernel.features), jnp.float32)
-    target, _ = TARGETS[jnp.dtype(kernel.dtype)]
+    target = "dalle_mini_packed_matmul" + ("" if kernel.dtype == jnp.float32 else "_bf16")
     return jax.ffi.ffi_call(target, out)(x.astype(kernel.dtype), kernel.panels)
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, length) -> jax.Array:
+    """One query per row against a key/value cache, reading only its filled positions.
+
+    Args:
+      q: (B, H, Dh), already scaled by 1/sqrt(Dh).
+      keys, values: (B, H, S, Dh), float32 or bfloat16; Dh a multiple of 16, at most 256.
+      length: how many positions (from the first) are filled, a traced int.
+    Returns:
+      (B, H, Dh) float32: softmax over the filled positions of q . k, times v.
+    """
+    register(keys.dtype)
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    target = "dalle_mini_cached_attention" + ("" if keys.dtype == jnp.float32 else "_bf16")
+    return jax.ffi.ffi_call(target, out)(
+        q.astype(jnp.float32), keys, values, jnp.asarray(length, jnp.int32)
+    )
 
 
 def available(dtype=jnp.float32) -> bool:
@@ -156,9 +180,9 @@ def _build_problem(dtype_name: str) -> str | None:
         return "this CPU has no AVX-512"
     if dtype_name == "bfloat16" and support < 2:
         return "this CPU has no AVX-512 BF16 instructions"
-    target, symbol = TARGETS[jnp.dtype(dtype_name)]
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                platform="cpu")  # fmt: skip
+    for target, symbol in TARGETS[jnp.dtype(dtype_name)].items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")  # fmt: skip
     return None
 
 

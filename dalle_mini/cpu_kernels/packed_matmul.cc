@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
@@ -205,6 +206,105 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D, 3
   return ffi::Error::Success();
 }
 
+
+// -- one query per row against a key/value cache: the attention of a sampling step -------------
+// q (B, H, D) float32, already scaled; keys, values (B, H, S, D) float32 or bfloat16, of which
+// the first `length` positions are filled; out (B, H, D) float32 = softmax(q . k) v over them.
+
+inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 Load16(const uint16_t* p) {  // bfloat16 -> float32: the 16 bits on top
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+void AttendRow(const float* q, const T* keys, const T* values, float* out, int64_t length,
+               int64_t depth, float* scores) {
+  float best = -INFINITY;
+  for (int64_t s = 0; s < length; ++s) {
+    const T* key = keys + s * depth;
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t d = 0; d < depth; d += 16) {
+      sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), Load16(key + d), sum);
+    }
+    scores[s] = _mm512_reduce_add_ps(sum);
+    best = std::max(best, scores[s]);
+  }
+  float total = 0.0f;
+  for (int64_t s = 0; s < length; ++s) total += (scores[s] = std::exp(scores[s] - best));
+  const float inverse = 1.0f / total;
+  __m512 acc[16];  // depth <= 256
+  for (int64_t d = 0; d < depth; d += 16) acc[d / 16] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < length; ++s) {
+    const __m512 weight = _mm512_set1_ps(scores[s]);
+    const T* value = values + s * depth;
+    for (int64_t d = 0; d < depth; d += 16) {
+      acc[d / 16] = _mm512_fmadd_ps(weight, Load16(value + d), acc[d / 16]);
+    }
+  }
+  for (int64_t d = 0; d < depth; d += 16) {
+    _mm512_storeu_ps(out + d, _mm512_mul_ps(acc[d / 16], _mm512_set1_ps(inverse)));
+  }
+}
+
+template <ffi::DataType D>
+ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q,
+                           ffi::Buffer<D, 4> keys, ffi::Buffer<D, 4> values,
+                           ffi::Buffer<ffi::S32, 0> length, ffi::ResultBuffer<ffi::F32, 3> out) {
+  using T = ffi::NativeType<D>;
+  const auto dims = keys.dimensions();  // (B, H, S, D)
+  const int64_t rows = dims[0] * dims[1], positions = dims[2], depth = dims[3];
+  const auto q_dims = q.dimensions();
+  if (q_dims[0] != dims[0] || q_dims[1] != dims[1] || q_dims[2] != depth ||
+      !std::equal(dims.begin(), dims.end(), values.dimensions().begin()) || depth % 16 != 0 ||
+      depth > 256) {
+    return ffi::Error::InvalidArgument(
+        "cached_attention: q (B, H, D) and keys/values (B, H, S, D) with D a multiple of 16 "
+        "up to 256");
+  }
+  const int64_t filled = std::min<int64_t>(positions, std::max<int32_t>(1, *length.typed_data()));
+  const float* qs = q.typed_data();
+  const T* ks = keys.typed_data();
+  const T* vs = values.typed_data();
+  float* os = out->typed_data();
+  auto run = [=](int64_t first, int64_t last) {
+    std::unique_ptr<float[]> scores(new float[positions]);
+    for (int64_t r = first; r < last; ++r) {
+      AttendRow<T>(qs + r * depth, ks + r * positions * depth, vs + r * positions * depth,
+                   os + r * depth, filled, depth, scores.get());
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads == 1 || rows < 16) {
+    run(0, rows);
+    return ffi::Error::Success();
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t chunks, chunk, rows;
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  state->chunk = std::max<int64_t>(1, rows / (4 * threads));
+  state->chunks = (rows + state->chunk - 1) / state->chunk;
+  state->rows = rows;
+  auto work = [state, run] {
+    for (int64_t c; (c = state->next.fetch_add(1)) < state->chunks;) {
+      run(c * state->chunk, std::min(state->rows, (c + 1) * state->chunk));
+      if (state->done.fetch_add(1) + 1 == state->chunks) {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->finished.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));  // a copy each
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == state->chunks; });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // aliases: the handler macro splits its arguments on commas
@@ -235,3 +335,29 @@ extern "C" int DalleMiniCpuSupport() {
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("fma")) return 0;
   return __builtin_cpu_supports("avx512bf16") ? 2 : 1;
 }
+
+using Queries = ffi::Buffer<ffi::F32, 3>;
+using CacheF32 = ffi::Buffer<ffi::F32, 4>;
+using CacheBf16 = ffi::Buffer<ffi::BF16, 4>;
+using Length = ffi::Buffer<ffi::S32, 0>;
+using Context = ffi::Buffer<ffi::F32, 3>;
+constexpr auto CachedAttentionF32 = CachedAttention<ffi::F32>;
+constexpr auto CachedAttentionBf16 = CachedAttention<ffi::BF16>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleMiniCachedAttention, CachedAttentionF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Queries>()
+                                  .Arg<CacheF32>()
+                                  .Arg<CacheF32>()
+                                  .Arg<Length>()
+                                  .Ret<Context>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleMiniCachedAttentionBf16, CachedAttentionBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Queries>()
+                                  .Arg<CacheBf16>()
+                                  .Arg<CacheBf16>()
+                                  .Arg<Length>()
+                                  .Ret<Context>());

@@ -282,6 +282,14 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(x.shape[0], self.num_heads, -1)  # (B, H, Dh)
         return self.out_proj(_attend_one(q, keys, values, bias).reshape(x.shape))
 
+    def attend_one_filled(self, x: Array, keys: Array, values: Array, length: Array) -> Array:
+        """One token per row, x (B, D), against the first `length` positions of keys/values
+        (B, H, S, Dh), by the CPU kernel, which reads no position past them."""
+        q = self.q_proj(x).reshape(x.shape[0], self.num_heads, -1)  # (B, H, Dh)
+        q = q.astype(jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+        context = cpu_kernels.cached_attention(q, keys, values, length)  # (B, H, Dh)
+        return self.out_proj(context.astype(x.dtype).reshape(x.shape))
+
 
 class GLU(nn.Module):
     """Gated feed-forward with normformer's inner LayerNorms (`GLU_0`)."""
@@ -350,14 +358,15 @@ class DecoderLayer(nn.Module):
         return self._cross_and_ffn(x, self.cross_keys_values(encoder_hidden), cross_bias)
 
     def step(self, x: Array, offset: Array, cache_kv, cache_bias: Array, cross_kv,
-             cross_bias: Array, shared_rows: int = 0):  # fmt: skip
+             cross_bias: Array, shared_rows: int = 0, use_kernel: bool = False):  # fmt: skip
         """One new token per row, x (B, D).
 
         `cache_kv` is (key blocks, value blocks): the blocks of this layer's cache (B, H, S_j, Dh)
         from the first position up to the block this token goes in, the last one. The token's
         key and value are written there at `offset`; the earlier blocks are all visible and the
         last one is masked past `offset` by `cache_bias` (S_last,). Then attends over the prompt.
-        Returns the hidden state and the updated last (keys, values) block.
+        Returns the hidden state and the updated last (keys, values) block. `use_kernel`: one
+        block, attended by the CPU kernel (`Attention.attend_one_filled`).
         """
         attention = self.FlaxBartAttention_0
         h = self.LayerNorm_0(x)
@@ -367,8 +376,12 @@ class DecoderLayer(nn.Module):
             for blocks, new in zip(cache_kv, new_kv, strict=True)
         )  # fmt: skip
         keys, values = (blocks[:-1] + (new,) for blocks, new in zip(cache_kv, last, strict=True))
-        bias = (None,) * (len(keys) - 1) + (cache_bias,)
-        x = x + self.LayerNorm_1(attention.attend_one_blocks(h, keys, values, bias))
+        if use_kernel:
+            context = attention.attend_one_filled(h, keys[0], values[0], offset + 1)
+        else:
+            bias = (None,) * (len(keys) - 1) + (cache_bias,)
+            context = attention.attend_one_blocks(h, keys, values, bias)
+        x = x + self.LayerNorm_1(context)
         h = self.FlaxBartAttention_1.attend_one(
             self.LayerNorm_2(x), *cross_kv, cross_bias, shared_rows
         )

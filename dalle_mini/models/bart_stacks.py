@@ -166,6 +166,20 @@ def pack_decoder(params: Params) -> Params:
     return params
 
 
+def uses_cpu_kernels(params: Params, config: DalleBartConfig) -> bool:
+    """Whether sampling steps run on the CPU kernels: the weights are packed (`pack_decoder`)
+    and the heads' width suits the attention kernel (a multiple of 16, at most 256)."""
+    packed = isinstance(params["lm_head"]["kernel"], cpu_kernels.PackedKernel)
+    return packed and config.head_dim % 16 == 0 and config.head_dim <= 256
+
+
+def cache_dtype(params: Params, config: DalleBartConfig, dtype: Any) -> Any:
+    """The self-attention cache's dtype: the compute dtype where the CPU kernel reads it (as the
+    original keeps it); else float32, since XLA:CPU has no bfloat16 kernel for the attention's
+    batched products and would convert a bfloat16 cache at every step."""
+    return dtype if uses_cpu_kernels(params, config) else jnp.float32
+
+
 def unpack(params: Params) -> Params:
     """The tree with every packed matrix back in its plain (..., K, N) form (a new tree)."""
     return jax.tree.map(
@@ -240,11 +254,12 @@ def decode_step(params: Params, config: DalleBartConfig, tokens: Array, index: A
     offset = index - (len(block_keys) - 1) * block_length
     cache_bias = jnp.where(jnp.arange(block_length) <= offset, 0.0, _NEG_INF)  # (S_block,)
     layer = DecoderLayer(config, dtype)
+    use_kernel = len(block_keys) == 1 and uses_cpu_kernels(params, config)
     new_cache = []
     for i in range(config.decoder_layers):  # unrolled: each layer's cache is read in place
         hidden, layer_cache = layer.apply(
             {"params": _layer_params(params, "decoder", i)}, hidden, offset, cache_kv[i],
-            cache_bias, cross_kv[i], cross_bias, shared_rows, method=DecoderLayer.step,
+            cache_bias, cross_kv[i], cross_bias, shared_rows, use_kernel, method=DecoderLayer.step,
         )  # fmt: skip
         new_cache.append(layer_cache)
     hidden = ends.apply({"params": decoder}, hidden, method=StackEnds.finish)
