@@ -206,8 +206,15 @@ def init_state(params, config: bart.DalleBartConfig, input_ids: Array, attention
 
     `uncond_ids`/`uncond_mask` are (B, T), one unconditional prompt per image, or (1, T): one
     prompt shared by every image (the usual case), encoded and stored once. `block_length`
-    (default `cache_block_length`) must divide the image length.
+    (default `cache_block_length`; with packed weights, one block) must divide the image length.
     """
+    if bart_stacks.uses_cpu_kernels(params, config):  # its attention reads one block
+        if block_length not in (None, config.image_length):
+            raise ValueError(
+                f"block_length={block_length}: with weights packed for the CPU kernels the cache "
+                f"is one block of {config.image_length}; pass block_length=None"
+            )
+        block_length = config.image_length
     block_length = block_length or cache_block_length(config)
     if config.image_length % block_length:
         raise ValueError(

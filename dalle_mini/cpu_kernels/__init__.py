@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -134,17 +135,35 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, length) -
 
     Args:
       q: (B, H, Dh), already scaled by 1/sqrt(Dh).
-      keys, values: (B, H, S, Dh), float32 or bfloat16; Dh a multiple of 16, at most 256.
+      keys, values: (B, H, S, Dh), float32, or bfloat16 (as such or as its bits in uint16,
+        the form a cache is updated in place in: `to_cache`); Dh a multiple of 16, at most 256.
       length: how many positions (from the first) are filled, a traced int.
     Returns:
       (B, H, Dh) float32: softmax over the filled positions of q . k, times v.
     """
-    register(keys.dtype)
+    keys, values = to_cache(keys, keys.dtype), to_cache(values, values.dtype)
+    register(jnp.float32 if keys.dtype == jnp.float32 else jnp.bfloat16)
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     target = "dalle_mini_cached_attention" + ("" if keys.dtype == jnp.float32 else "_bf16")
     return jax.ffi.ffi_call(target, out)(
         q.astype(jnp.float32), keys, values, jnp.asarray(length, jnp.int32)
     )
+
+
+def cache_dtype(dtype):
+    """How `cached_attention` wants a cache of `dtype` values held: float32 as itself, bfloat16
+    as its bits in uint16 (XLA:CPU converts a whole bfloat16 array to float32 and back to update
+    one position of it; a uint16 one it updates in place)."""
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float32 else jnp.dtype(jnp.uint16)
+
+
+def to_cache(values: jax.Array, dtype) -> jax.Array:
+    """`values` as a cache of `dtype` holds them (`cache_dtype`: float32, or bfloat16 bits)."""
+    if jnp.dtype(dtype) == jnp.uint16 and values.dtype != jnp.uint16:
+        return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type(values, jnp.uint16)
+    return values.astype(dtype)
 
 
 def available(dtype=jnp.float32) -> bool:
@@ -172,6 +191,12 @@ def register(dtype=jnp.float32) -> None:
 
 @functools.cache
 def _build_problem(dtype_name: str) -> str | None:
+    # checked before the library is loaded: code built for AVX-512 may not even load without it
+    flags = _cpu_flags()
+    if not {"avx512f", "fma"} <= flags:
+        return "this CPU has no AVX-512" if flags else "this CPU's features are unknown here"
+    if dtype_name == "bfloat16" and "avx512_bf16" not in flags:
+        return "this CPU has no AVX-512 BF16 instructions"
     library = _library()
     if isinstance(library, str):
         return library
@@ -193,6 +218,20 @@ def _library() -> ctypes.CDLL | str:
         return ctypes.CDLL(str(_library_path()))
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
         return f"could not build or load {_SOURCE.name}: {_first_line(error)}"
+
+
+def _cpu_flags() -> set[str]:
+    """The x86 CPU's feature flags (Linux); empty elsewhere."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def _first_line(error: Exception) -> str:

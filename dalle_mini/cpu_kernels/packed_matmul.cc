@@ -208,8 +208,10 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D, 3
 
 
 // -- one query per row against a key/value cache: the attention of a sampling step -------------
-// q (B, H, D) float32, already scaled; keys, values (B, H, S, D) float32 or bfloat16, of which
-// the first `length` positions are filled; out (B, H, D) float32 = softmax(q . k) v over them.
+// q (B, H, D) float32, already scaled; keys, values (B, H, S, D) float32, or bfloat16 held as
+// uint16 bits (XLA:CPU converts a bfloat16 array to float32 and back to update one position of
+// it, but updates a uint16 one in place), of which the first `length` positions are filled;
+// out (B, H, D) float32 = softmax(q . k) v over them.
 
 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 Load16(const uint16_t* p) {  // bfloat16 -> float32: the 16 bits on top
@@ -338,11 +340,11 @@ extern "C" int DalleMiniCpuSupport() {
 
 using Queries = ffi::Buffer<ffi::F32, 3>;
 using CacheF32 = ffi::Buffer<ffi::F32, 4>;
-using CacheBf16 = ffi::Buffer<ffi::BF16, 4>;
+using CacheBf16 = ffi::Buffer<ffi::U16, 4>;  // bfloat16 bits: XLA:CPU updates it in place
 using Length = ffi::Buffer<ffi::S32, 0>;
 using Context = ffi::Buffer<ffi::F32, 3>;
 constexpr auto CachedAttentionF32 = CachedAttention<ffi::F32>;
-constexpr auto CachedAttentionBf16 = CachedAttention<ffi::BF16>;
+constexpr auto CachedAttentionBf16 = CachedAttention<ffi::U16>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleMiniCachedAttention, CachedAttentionF32,
                               ffi::Ffi::Bind()

@@ -371,10 +371,12 @@ class DecoderLayer(nn.Module):
         attention = self.FlaxBartAttention_0
         h = self.LayerNorm_0(x)
         new_kv = attention.keys_values(h)  # (B, H, Dh) each: one token, heads already split
-        last = tuple(
-            lax.dynamic_update_index_in_dim(blocks[-1], new.astype(blocks[-1].dtype), offset, 2)
+        last = tuple(  # as the cache holds them (bfloat16 for the CPU kernel: its bits)
+            lax.dynamic_update_index_in_dim(
+                blocks[-1], cpu_kernels.to_cache(new, blocks[-1].dtype), offset, 2
+            )
             for blocks, new in zip(cache_kv, new_kv, strict=True)
-        )  # fmt: skip
+        )
         keys, values = (blocks[:-1] + (new,) for blocks, new in zip(cache_kv, last, strict=True))
         if use_kernel:
             context = attention.attend_one_filled(h, keys[0], values[0], offset + 1)

@@ -174,10 +174,13 @@ def uses_cpu_kernels(params: Params, config: DalleBartConfig) -> bool:
 
 
 def cache_dtype(params: Params, config: DalleBartConfig, dtype: Any) -> Any:
-    """The self-attention cache's dtype: the compute dtype where the CPU kernel reads it (as the
-    original keeps it); else float32, since XLA:CPU has no bfloat16 kernel for the attention's
-    batched products and would convert a bfloat16 cache at every step."""
-    return dtype if uses_cpu_kernels(params, config) else jnp.float32
+    """The self-attention cache's dtype: where the CPU kernel reads it, the compute dtype's
+    values, as the original keeps them (bfloat16 as its bits in uint16:
+    `cpu_kernels.cache_dtype`); else float32, since XLA:CPU has no bfloat16 kernel for the
+    attention's batched products and would convert a bfloat16 cache at every step."""
+    if uses_cpu_kernels(params, config):
+        return cpu_kernels.cache_dtype(dtype)
+    return jnp.float32
 
 
 def unpack(params: Params) -> Params:
@@ -254,7 +257,7 @@ def decode_step(params: Params, config: DalleBartConfig, tokens: Array, index: A
     offset = index - (len(block_keys) - 1) * block_length
     cache_bias = jnp.where(jnp.arange(block_length) <= offset, 0.0, _NEG_INF)  # (S_block,)
     layer = DecoderLayer(config, dtype)
-    use_kernel = len(block_keys) == 1 and uses_cpu_kernels(params, config)
+    use_kernel = uses_cpu_kernels(params, config)  # then the cache is one block (init_state)
     new_cache = []
     for i in range(config.decoder_layers):  # unrolled: each layer's cache is read in place
         hidden, layer_cache = layer.apply(
