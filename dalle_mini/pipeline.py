@@ -112,7 +112,8 @@ class Pipeline:
           dallebart, vqgan, clip: override one component (folder, hub id or "embedded");
             `clip=False` loads no CLIP (no reranking, no scores).
           revision: hub revision of the DalleBart (e.g. a branch of dalle-mini/dalle-mega).
-          dtype: "float32" or "bfloat16" (DalleBart compute; halves memory traffic on GPU).
+          dtype: "float32" or "bfloat16": the DalleBart's compute and weights (bfloat16 halves
+            their memory and traffic; on CPUs with AVX-512 BF16 the sampling kernels use it).
           options: `preview_rows`, `max_candidates` (see the class).
         """
         defaults = _component_names(name)
@@ -123,7 +124,10 @@ class Pipeline:
             raise ValueError("name a model (e.g. 'embedded'), or pass both dallebart= and vqgan=")
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported: use one of {sorted(DTYPES)}")
-        model, params = DalleBart.from_pretrained(dallebart, revision=revision, dtype=DTYPES[dtype])
+        # weights kept in the compute dtype: the products round them to it anyway
+        model, params = DalleBart.from_pretrained(
+            dallebart, revision=revision, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype]
+        )
         processor = DalleBartProcessor.from_pretrained(dallebart, revision=revision)
         vq_model, vq_params = VQModel.from_pretrained(vqgan, decoder_only=True)
         scorer = None
