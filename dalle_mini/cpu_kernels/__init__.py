@@ -1,13 +1,15 @@
-"""A CPU matrix product for sampling steps: few rows against large, prepacked weights.
+"""CPU kernels for sampling steps (XLA FFI custom calls, `packed_matmul.cc`).
 
 A sampling step multiplies 2 rows per image by every decoder matrix. XLA:CPU's products copy
 (pack) the weight matrix on every call, which for so few rows costs more than the arithmetic:
 measured on this project's CPU, one core, (18, 1024) x (1024, 8192) ran at 43-50 GFLOP/s
 through XLA against 77-80 GFLOP/s with the weights packed once, at load time, into panels of
-32 columns (`pack`), each read as one contiguous stream (`packed_matmul.cc`, an XLA FFI custom
-call on XLA's own thread pool).
+32 columns (`pack`, `matmul`; float32, and bfloat16 with AVX-512 BF16), each read as one
+contiguous stream. `cached_attention` attends one query per row over a key/value cache reading
+only its filled positions (XLA's batched products read the whole cache at every step). Both
+run on XLA's own thread pool.
 
-The kernel is compiled on first use with the system's C++ compiler into the user cache
+The library is compiled on first use with the system's C++ compiler into the user cache
 (`~/.cache/dalle-mini/kernels`, or `$DALLE_MINI_KERNEL_CACHE`), keyed by its source and the
 JAX version. `available()` is False, with `unavailable_reason()` saying why, where there is no
 compiler, the CPU lacks AVX-512, the backend is not the CPU or `$DALLE_MINI_CPU_KERNELS=0`:
@@ -172,6 +174,7 @@ def available(dtype=jnp.float32) -> bool:
 
 
 def unavailable_reason(dtype=jnp.float32) -> str | None:
+    """Why the kernels for `dtype` weights cannot run here, or None where they can."""
     if os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "off", "false", "no"):
         return f"${ENV_SWITCH} turns them off"
     if jax.default_backend() != "cpu":
@@ -186,7 +189,7 @@ def register(dtype=jnp.float32) -> None:
     idempotent."""
     problem = _build_problem(jnp.dtype(dtype).name)
     if problem is not None:
-        raise RuntimeError(f"the packed CPU matmul is not available: {problem}")
+        raise RuntimeError(f"the CPU kernels are not available: {problem}")
 
 
 @functools.cache
