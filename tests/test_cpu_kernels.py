@@ -226,10 +226,13 @@ except ValueError as error:
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "reason: could not build or load packed_matmul.cc" in done.stdout
-    assert "no-such-compiler" in done.stdout
     assert "codes: (1, 65)" in done.stdout
-    assert "error: pack_weights=True, but could not build" in done.stdout
+    if {"avx512f", "fma"} <= cpu_kernels._cpu_flags():  # else the CPU is the reason, not g++
+        assert "reason: could not build or load packed_matmul.cc" in done.stdout
+        assert "no-such-compiler" in done.stdout
+        assert "error: pack_weights=True, but could not build" in done.stdout
+    else:
+        assert "error: pack_weights=True, but this CPU" in done.stdout
 
 
 def _is_packed(leaf):
