@@ -92,7 +92,8 @@ def run_ours(work: Path, workload: str, dtype_name: str, seed: int,
     import jax
     import jax.numpy as jnp
 
-    from dalle_mini import cpu_kernels, sampling
+    from dalle_mini import sampling
+    from dalle_mini.models import bart_stacks
     from dalle_mini.models.dallebart import DalleBart
     from dalle_mini.models.vqgan import VQModel
 
@@ -138,12 +139,7 @@ def run_ours(work: Path, workload: str, dtype_name: str, seed: int,
         "compile_seconds": compiled_ahead + sample_compile + decode_compile,
         "sampler_compile_seconds": compiled_ahead + sample_compile,
         "codes_checksum": int(codes.sum()),
-        "packed_weights": any(
-            isinstance(leaf, cpu_kernels.PackedKernel)
-            for leaf in jax.tree.leaves(
-                params, is_leaf=lambda leaf: isinstance(leaf, cpu_kernels.PackedKernel)
-            )
-        ),
+        "packed_weights": bart_stacks.is_packed(params),
     }
 
 
@@ -395,6 +391,12 @@ def summarize(runs: list[dict], images: int) -> dict:
     }
 
 
+def paired_speedup(entry: dict, other: str, key: str) -> float:
+    """Median over neighbouring runs (A B, A B, ...) of `other`'s seconds over ours."""
+    pairs = zip(entry[other][key], entry["ours"][key], strict=True)
+    return statistics.median(theirs / ours for theirs, ours in pairs)
+
+
 def print_table(results: dict) -> None:
     header = (f"{'workload':9} {'dtype':9} {'impl':9} {'s/grid':>8} {'sample':>8} {'decode':>8} "
               f"{'codes/s':>8} {'compile':>8} {'cached':>7} {'run GB':>7} {'load GB':>7} "
@@ -466,33 +468,16 @@ def parent_main(args) -> None:
             images = WORKLOAD_IMAGES[workload]
             entry = {("ours" if impl == "pipeline" else impl): summarize(rows, images)
                      for impl, rows in runs.items()}  # fmt: skip
-            if "xla" in entry:  # the CPU kernel against XLA's products, paired runs
-                entry["speedup_over_xla"] = statistics.median(
-                    x / o
-                    for x, o in zip(entry["xla"]["all_seconds_per_grid"],
-                                    entry["ours"]["all_seconds_per_grid"], strict=True)
-                )  # fmt: skip
-                entry["speedup_over_xla_sampling"] = statistics.median(
-                    x / o
-                    for x, o in zip(entry["xla"]["all_sample_seconds"],
-                                    entry["ours"]["all_sample_seconds"], strict=True)
-                )  # fmt: skip
+            if "xla" in entry:  # the CPU kernels against XLA's products
+                entry["speedup_over_xla"] = paired_speedup(entry, "xla", "all_seconds_per_grid")
+                entry["speedup_over_xla_sampling"] = paired_speedup(
+                    entry, "xla", "all_sample_seconds"
+                )
             if workload != "c":
                 entry["floor"] = floor_seconds(workload, dtype, machine)
-            if "peer" in entry:  # medians of the ratios of neighbouring runs (A B, A B, ...)
-                ours, peer = entry["ours"], entry["peer"]
-                entry["speedup"] = statistics.median(
-                    p / o
-                    for p, o in zip(
-                        peer["all_seconds_per_grid"], ours["all_seconds_per_grid"], strict=True
-                    )
-                )
-                entry["speedup_sampling"] = statistics.median(
-                    p / o
-                    for p, o in zip(
-                        peer["all_sample_seconds"], ours["all_sample_seconds"], strict=True
-                    )
-                )
+            if "peer" in entry:
+                entry["speedup"] = paired_speedup(entry, "peer", "all_seconds_per_grid")
+                entry["speedup_sampling"] = paired_speedup(entry, "peer", "all_sample_seconds")
             results["workloads"][key] = entry
     results["machine"]["load_average_at_end"] = os.getloadavg()
     again = spawn(args, "--child", "machine", "--threads", str(args.threads or 0))

@@ -9,15 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES
-from test_dallebart import _close
+from test_dallebart import BATCH_KEYS, SCAN, _close
 
 from dalle_mini import cpu_kernels, sampling
 from dalle_mini.models import bart, bart_stacks
 from dalle_mini.models.dallebart import DalleBart
-
-SCAN = FIXTURES / "dallebart-scan"
-BATCH_KEYS = ("input_ids", "attention_mask", "input_ids_uncond", "attention_mask_uncond")
 
 needs_kernel = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"CPU kernel: {cpu_kernels.unavailable_reason()}"

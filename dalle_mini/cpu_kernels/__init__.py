@@ -36,16 +36,9 @@ import numpy as np
 from dalle_mini import checkpoint
 
 PANEL = 32  # columns per panel, as packed_matmul.cc
-TARGETS = {  # per weight (or cache) dtype: custom call name -> library symbol
-    jnp.dtype(jnp.float32): {
-        "dalle_mini_packed_matmul": "DalleMiniPackedMatmul",
-        "dalle_mini_cached_attention": "DalleMiniCachedAttention",
-    },
-    jnp.dtype(jnp.bfloat16): {
-        "dalle_mini_packed_matmul_bf16": "DalleMiniPackedMatmulBf16",
-        "dalle_mini_cached_attention_bf16": "DalleMiniCachedAttentionBf16",
-    },
-}
+KERNELS = {"packed_matmul": "DalleMiniPackedMatmul", "cached_attention": "DalleMiniCachedAttention"}
+# per weight (or cache) dtype: the suffixes of its custom call names and library symbols
+SUFFIXES = {jnp.dtype(jnp.float32): ("", ""), jnp.dtype(jnp.bfloat16): ("_bf16", "Bf16")}
 ENV_SWITCH = "DALLE_MINI_CPU_KERNELS"  # "0"/"off" keeps XLA's products everywhere
 ENV_CACHE = "DALLE_MINI_KERNEL_CACHE"
 _SOURCE = Path(__file__).with_name("packed_matmul.cc")
@@ -99,7 +92,7 @@ def pack(kernel) -> PackedKernel:
     `jax.ShapeDtypeStruct` gives the packed shapes."""
     *lead, k, n = kernel.shape
     dtype = jnp.dtype(kernel.dtype)
-    if dtype not in TARGETS or len(kernel.shape) < 2:
+    if dtype not in SUFFIXES or len(kernel.shape) < 2:
         raise ValueError(f"pack needs a float32 or bfloat16 (..., K, N) matrix; got {dtype} "
                          f"{kernel.shape}")  # fmt: skip
     pairs = 1 if dtype == jnp.float32 else 2
@@ -128,7 +121,7 @@ def matmul(x: jax.Array, kernel: PackedKernel) -> jax.Array:
         raise ValueError(f"x has {x.shape[-1]} features; the matrix expects {kernel.in_features}")
     register(kernel.dtype)
     out = jax.ShapeDtypeStruct((*x.shape[:-1], kernel.features), jnp.float32)
-    target = "dalle_mini_packed_matmul" + ("" if kernel.dtype == jnp.float32 else "_bf16")
+    target = _target("packed_matmul", kernel.dtype)
     return jax.ffi.ffi_call(target, out)(x.astype(kernel.dtype), kernel.panels)
 
 
@@ -143,10 +136,11 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, length) -
     Returns:
       (B, H, Dh) float32: softmax over the filled positions of q . k, times v.
     """
-    keys, values = to_cache(keys, keys.dtype), to_cache(values, values.dtype)
-    register(jnp.float32 if keys.dtype == jnp.float32 else jnp.bfloat16)
+    values_dtype = jnp.float32 if keys.dtype == jnp.float32 else jnp.bfloat16
+    keys, values = (to_cache(cache, cache_dtype(cache.dtype)) for cache in (keys, values))
+    register(values_dtype)
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    target = "dalle_mini_cached_attention" + ("" if keys.dtype == jnp.float32 else "_bf16")
+    target = _target("cached_attention", values_dtype)
     return jax.ffi.ffi_call(target, out)(
         q.astype(jnp.float32), keys, values, jnp.asarray(length, jnp.int32)
     )
@@ -160,11 +154,10 @@ def cache_dtype(dtype):
 
 
 def to_cache(values: jax.Array, dtype) -> jax.Array:
-    """`values` as a cache of `dtype` holds them (`cache_dtype`: float32, or bfloat16 bits)."""
+    """`values` as a cache of `dtype` holds them (`cache_dtype`: float32, or bfloat16 bits in
+    uint16; values already in uint16 are such bits)."""
     if jnp.dtype(dtype) == jnp.uint16 and values.dtype != jnp.uint16:
         return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
-    if jnp.dtype(dtype) == jnp.bfloat16:
-        return jax.lax.bitcast_convert_type(values, jnp.uint16)
     return values.astype(dtype)
 
 
@@ -179,7 +172,7 @@ def unavailable_reason(dtype=jnp.float32) -> str | None:
         return f"${ENV_SWITCH} turns them off"
     if jax.default_backend() != "cpu":
         return f"the default backend is {jax.default_backend()}, not the CPU"
-    if jnp.dtype(dtype) not in TARGETS:
+    if jnp.dtype(dtype) not in SUFFIXES:
         return f"there is no kernel for {jnp.dtype(dtype)} weights (float32 and bfloat16 only)"
     return _build_problem(jnp.dtype(dtype).name)
 
@@ -203,15 +196,16 @@ def _build_problem(dtype_name: str) -> str | None:
     library = _library()
     if isinstance(library, str):
         return library
-    support = library.DalleMiniCpuSupport()
-    if support == 0:
-        return "this CPU has no AVX-512"
-    if dtype_name == "bfloat16" and support < 2:
-        return "this CPU has no AVX-512 BF16 instructions"
-    for target, symbol in TARGETS[jnp.dtype(dtype_name)].items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")  # fmt: skip
+    symbol_suffix = SUFFIXES[jnp.dtype(dtype_name)][1]
+    for name, symbol in KERNELS.items():
+        capsule = jax.ffi.pycapsule(getattr(library, symbol + symbol_suffix))
+        jax.ffi.register_ffi_target(_target(name, dtype_name), capsule, platform="cpu")
     return None
+
+
+def _target(name: str, dtype) -> str:
+    """The custom call name of kernel `name` for weights (or cache values) of `dtype`."""
+    return f"dalle_mini_{name}{SUFFIXES[jnp.dtype(dtype)][0]}"
 
 
 @functools.cache

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -31,6 +32,18 @@ namespace {
 constexpr int kPanel = 32;     // columns per panel: two 16-float vectors
 constexpr int kTileRows = 9;   // rows per tile: 18 accumulators + 2 weight vectors in registers
 constexpr int kPrefetch = 24;  // panel rows ahead to prefetch
+
+// A tile's sums (R rows of 32 columns: lo, hi) into out's first `cols` columns.
+template <int R>
+inline void StoreTile(const __m512* lo, const __m512* hi, float* out, int64_t ldo, int cols) {
+  const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 mask_hi =
+      cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1));
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(out + r * ldo, mask_lo, lo[r]);
+    _mm512_mask_storeu_ps(out + r * ldo + 16, mask_hi, hi[r]);
+  }
+}
 
 // Rows [0, R) of x (row stride k) times one panel, into out's 32 columns (or `cols` < 32).
 template <int R>
@@ -49,13 +62,7 @@ void Tile(const float* x, int64_t k, const float* panel, float* out, int64_t ldo
       hi[r] = _mm512_fmadd_ps(xr, w1, hi[r]);
     }
   }
-  const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 mask_hi =
-      cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1));
-  for (int r = 0; r < R; ++r) {
-    _mm512_mask_storeu_ps(out + r * ldo, mask_lo, lo[r]);
-    _mm512_mask_storeu_ps(out + r * ldo + 16, mask_hi, hi[r]);
-  }
+  StoreTile<R>(lo, hi, out, ldo, cols);
 }
 
 using TileFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int);
@@ -86,13 +93,7 @@ void TileBf16(const uint16_t* x, int64_t k, const uint16_t* panel, float* out, i
       hi[r] = _mm512_dpbf16_ps(hi[r], xp, w1);
     }
   }
-  const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 mask_hi =
-      cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1));
-  for (int r = 0; r < R; ++r) {
-    _mm512_mask_storeu_ps(out + r * ldo, mask_lo, lo[r]);
-    _mm512_mask_storeu_ps(out + r * ldo + 16, mask_hi, hi[r]);
-  }
+  StoreTile<R>(lo, hi, out, ldo, cols);
 }
 
 using TileBf16Fn = void (*)(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int);
@@ -129,30 +130,43 @@ void Panels(const T* x, const T* w, float* out, int64_t m, int64_t k, int64_t n,
   }
 }
 
-// Work shared between the calling thread and tasks on XLA's intra-op pool: chunks of panels
-// are claimed from a counter; the call returns once every claimed chunk is done. A task that
-// starts after all chunks are claimed finds nothing to do (the state outlives the call).
-template <typename T>
-struct Shared {
-  const T* x;
-  const T* w;
-  float* out;
-  int64_t m, k, n, panels, chunk, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-
-  void Work() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      Panels<T>(x, w, out, m, k, n, c * chunk, std::min(panels, (c + 1) * chunk));
-      if (done.fetch_add(1) + 1 == chunks) {
-        std::lock_guard<std::mutex> lock(mutex);
-        finished.notify_all();
+// body(first, last) over [0, count), shared between the calling thread and tasks on XLA's
+// intra-op pool (alone below `min_count` items or with one thread): chunks are claimed from a
+// counter, and the call returns once every claimed chunk is done. A task that starts after all
+// chunks are claimed finds nothing to do (the state outlives the call; `body` is not called).
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t min_count, Body body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads == 1 || count < min_count) {
+    body(0, count);
+    return;
+  }
+  struct State {
+    explicit State(Body b) : body(std::move(b)) {}
+    Body body;
+    int64_t count = 0, chunk = 0, chunks = 0;
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>(std::move(body));
+  state->count = count;
+  state->chunk = std::max<int64_t>(1, count / (4 * threads));
+  state->chunks = (count + state->chunk - 1) / state->chunk;
+  auto work = [state] {
+    for (int64_t c; (c = state->next.fetch_add(1)) < state->chunks;) {
+      state->body(c * state->chunk, std::min(state->count, (c + 1) * state->chunk));
+      if (state->done.fetch_add(1) + 1 == state->chunks) {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->finished.notify_all();
       }
     }
-  }
-};
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));  // a copy each
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == state->chunks; });
+}
 
 // x (..., K) times panels into out (..., N), on the calling thread and XLA's intra-op pool.
 template <ffi::DataType D>
@@ -184,25 +198,12 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D, 3
     std::fill(out->typed_data(), out->typed_data() + m * n, 0.0f);
     return ffi::Error::Success();
   }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (threads == 1 || panels < 8) {
-    Panels<T>(x.typed_data(), w.typed_data(), out->typed_data(), m, k, n, 0, panels);
-    return ffi::Error::Success();
-  }
-  auto shared = std::make_shared<Shared<T>>();
-  shared->x = x.typed_data();
-  shared->w = w.typed_data();
-  shared->out = out->typed_data();
-  shared->m = m;
-  shared->k = k;
-  shared->n = n;
-  shared->panels = panels;
-  shared->chunk = std::max<int64_t>(1, panels / (4 * threads));
-  shared->chunks = (panels + shared->chunk - 1) / shared->chunk;
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  std::unique_lock<std::mutex> lock(shared->mutex);
-  shared->finished.wait(lock, [&] { return shared->done.load() == shared->chunks; });
+  const T* xs = x.typed_data();
+  const T* ws = w.typed_data();
+  float* os = out->typed_data();
+  ParallelFor(pool, panels, 8, [=](int64_t first, int64_t last) {
+    Panels<T>(xs, ws, os, m, k, n, first, last);
+  });
   return ffi::Error::Success();
 }
 
@@ -276,34 +277,7 @@ ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q,
                    os + r * depth, filled, depth, scores.get());
     }
   };
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (threads == 1 || rows < 16) {
-    run(0, rows);
-    return ffi::Error::Success();
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t chunks, chunk, rows;
-    std::mutex mutex;
-    std::condition_variable finished;
-  };
-  auto state = std::make_shared<State>();
-  state->chunk = std::max<int64_t>(1, rows / (4 * threads));
-  state->chunks = (rows + state->chunk - 1) / state->chunk;
-  state->rows = rows;
-  auto work = [state, run] {
-    for (int64_t c; (c = state->next.fetch_add(1)) < state->chunks;) {
-      run(c * state->chunk, std::min(state->rows, (c + 1) * state->chunk));
-      if (state->done.fetch_add(1) + 1 == state->chunks) {
-        std::lock_guard<std::mutex> lock(state->mutex);
-        state->finished.notify_all();
-      }
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));  // a copy each
-  work();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->finished.wait(lock, [&] { return state->done.load() == state->chunks; });
+  ParallelFor(pool, rows, 16, run);
   return ffi::Error::Success();
 }
 
@@ -330,13 +304,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleMiniPackedMatmulBf16, PackedMatmulBf16,
                                   .Arg<RowsBf16>()
                                   .Arg<PanelsBf16>()
                                   .Ret<RowsF32>());
-
-// 1: float32 kernel; 2: the bfloat16 one as well; 0: neither (no AVX-512 here).
-extern "C" int DalleMiniCpuSupport() {
-  __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("fma")) return 0;
-  return __builtin_cpu_supports("avx512bf16") ? 2 : 1;
-}
 
 using Queries = ffi::Buffer<ffi::F32, 3>;
 using CacheF32 = ffi::Buffer<ffi::F32, 4>;

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dalle_mini import cpu_kernels
+from dalle_mini import checkpoint, cpu_kernels
 from dalle_mini.models.bart import (
     _NEG_INF,
     Array,
@@ -136,15 +136,20 @@ _STEP_MATRIX = re.compile(
 PACK_MIN_D_MODEL = 512
 
 
+def pack_problem(dtype: Any, param_dtype: Any) -> str | None:
+    """Why `pack_decoder`'s weights could not be used here, or None: the CPU kernel for
+    `param_dtype` must be available (float32, or bfloat16 on CPUs with AVX-512 BF16) and the
+    model compute in that dtype."""
+    problem = cpu_kernels.unavailable_reason(param_dtype)
+    if problem is None and jnp.dtype(dtype) != jnp.dtype(param_dtype):
+        return "the CPU kernel computes in its weights' dtype"
+    return problem
+
+
 def should_pack(config: DalleBartConfig, dtype: Any, param_dtype: Any) -> bool:
-    """Whether `pack_decoder` pays here: the model computes in the dtype it keeps its weights
-    in (float32, or bfloat16 on CPUs with AVX-512 BF16), the CPU kernel for it is available,
-    and the decoder is at least `PACK_MIN_D_MODEL` wide."""
-    return (
-        config.d_model >= PACK_MIN_D_MODEL
-        and jnp.dtype(dtype) == jnp.dtype(param_dtype)
-        and cpu_kernels.available(param_dtype)
-    )
+    """Whether `pack_decoder` pays here: it can be used (`pack_problem`) and the decoder is at
+    least `PACK_MIN_D_MODEL` wide."""
+    return config.d_model >= PACK_MIN_D_MODEL and pack_problem(dtype, param_dtype) is None
 
 
 def pack_decoder(params: Params) -> Params:
@@ -159,18 +164,22 @@ def pack_decoder(params: Params) -> Params:
     layers = stacked_layers(params, "decoder")
     if isinstance(layers, (tuple, list)):
         raise ValueError("pack_decoder needs the stacked layout (before split_decoder_layers)")
-    for path in list(_leaf_paths(layers)):
-        if _STEP_MATRIX.match("/".join(path)):
-            _replace(layers, path, cpu_kernels.pack)
-    _replace(params, ("lm_head", "kernel"), cpu_kernels.pack)
+    for path in checkpoint.flatten(layers):
+        if _STEP_MATRIX.match(path):
+            _pack_in_place(layers, path)
+    _pack_in_place(params, "lm_head/kernel")
     return params
+
+
+def is_packed(params: Params) -> bool:
+    """Whether `pack_decoder` packed these weights."""
+    return isinstance(params["lm_head"]["kernel"], cpu_kernels.PackedKernel)
 
 
 def uses_cpu_kernels(params: Params, config: DalleBartConfig) -> bool:
     """Whether sampling steps run on the CPU kernels: the weights are packed (`pack_decoder`)
     and the heads' width suits the attention kernel (a multiple of 16, at most 256)."""
-    packed = isinstance(params["lm_head"]["kernel"], cpu_kernels.PackedKernel)
-    return packed and config.head_dim % 16 == 0 and config.head_dim <= 256
+    return is_packed(params) and config.head_dim % 16 == 0 and config.head_dim <= 256
 
 
 def cache_dtype(params: Params, config: DalleBartConfig, dtype: Any) -> Any:
@@ -192,21 +201,14 @@ def unpack(params: Params) -> Params:
     )
 
 
-def _leaf_paths(tree: dict, prefix: tuple[str, ...] = ()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaf_paths(value, (*prefix, key))
-        else:
-            yield (*prefix, key)
-
-
-def _replace(tree: dict, path: tuple[str, ...], fn) -> None:
-    for key in path[:-1]:
+def _pack_in_place(tree: dict, path: str) -> None:
+    """Packs the leaf at `path` ("a/b/kernel"), dropping the tree's reference to the plain
+    matrix before the packed copy is made; a packed leaf stays as it is."""
+    *parents, name = path.split("/")
+    for key in parents:
         tree = tree[key]
-    leaf = tree.pop(path[-1])
-    if not isinstance(leaf, cpu_kernels.PackedKernel):
-        leaf = fn(leaf)
-    tree[path[-1]] = leaf
+    leaf = tree.pop(name)
+    tree[name] = leaf if isinstance(leaf, cpu_kernels.PackedKernel) else cpu_kernels.pack(leaf)
 
 
 def _layer_params(params: Params, side: str, index: int) -> Params:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_mini import checkpoint, compile_cache, cpu_kernels, sampling
+from dalle_mini import checkpoint, compile_cache, sampling
 from dalle_mini.hub import CheckpointError, resolve_folder
 from dalle_mini.models import bart, bart_stacks
 
@@ -154,11 +154,7 @@ class DalleBart:
         if pack_weights is None:
             return bart_stacks.should_pack(self.config, self.dtype, param_dtype)
         if pack_weights:
-            problem = cpu_kernels.unavailable_reason(param_dtype) or (
-                None
-                if jnp.dtype(self.dtype) == jnp.dtype(param_dtype)
-                else "the CPU kernel computes in its weights' dtype"
-            )
+            problem = bart_stacks.pack_problem(self.dtype, param_dtype)
             if problem:
                 raise ValueError(f"pack_weights=True, but {problem}; pass pack_weights=None")
         return bool(pack_weights)
