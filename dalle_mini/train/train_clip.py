@@ -24,6 +24,7 @@ embeddings (`new_params`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from collections.abc import Callable
@@ -207,7 +208,11 @@ def new_params(config: CLIPTrainConfig) -> dict[str, Any]:
     return params
 
 
-def make_step(module: clip.CLIP, optimizer):
+def make_step(module: clip.CLIP, optimizer, compiler_options=None):
+    """The jitted `step(state, batch, rng) -> (state, metrics)`. Unlike the other trainers'
+    steps it keeps XLA's default options (`compiler_options` None): with those of
+    `sampling.compiler_options` it runs slower on a CPU (`bench/bench_train_step.py`)."""
+
     def loss_fn(params, pixels, tokens):
         image_features, text_features, scale = module.apply({"params": params}, pixels, tokens)
         loss = clip.contrastive_loss(image_features, text_features, scale)
@@ -215,7 +220,7 @@ def make_step(module: clip.CLIP, optimizer):
         accuracy = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
         return loss, {"accuracy": accuracy, "logit_scale": scale}
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def step(state: common.TrainState, batch, rng):
         tokens = batch["tokens"]  # (B, T) own captions, then (B, K, T) wrong ones flattened
         if "negative_tokens" in batch:

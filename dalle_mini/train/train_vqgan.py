@@ -18,6 +18,7 @@ scene checker recognised 19% of the kinds in the VQGAN's own reconstructions).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_mini import sampling
 from dalle_mini.models.vqgan import VQGANConfig, VQGANModule, VQModel
 from dalle_mini.train import common
 
@@ -99,11 +101,15 @@ def _loss_fn(params, module: VQGANModule, images, use_quantizer, config: VQGANTr
     return loss, {"loss": loss, "l1": l1, "mse": mse, "codebook": codebook, "codes": codes}
 
 
-def make_step(module: VQGANModule, optimizer, config: VQGANTrainConfig):
-    """The jitted `step(state, batch, rng) -> (state, metrics)`; state.extra is code usage."""
+def make_step(module: VQGANModule, optimizer, config: VQGANTrainConfig, compiler_options=None):
+    """The jitted `step(state, batch, rng) -> (state, metrics)`; state.extra is code usage.
+    `compiler_options` (XLA's) default to `sampling.compiler_options`, the faster ones on a
+    CPU."""
     quantize_from = int(config.num_steps * config.autoencoder_warmup)
+    if compiler_options is None:
+        compiler_options = sampling.compiler_options(jnp.float32)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def step(state: common.TrainState, batch, rng):
         images = batch["images"].astype(jnp.float32) / 255.0  # (B, H, W, 3)
         use_quantizer = state.step >= quantize_from
