@@ -1,5 +1,6 @@
 """The training pipeline: each trainer learns at toy size, runs resume, data keeps its format."""
 
+import argparse
 import collections
 import dataclasses
 import json
@@ -361,6 +362,25 @@ def test_encode_stage_writes_the_original_parquet_format(tmp_path):
     argv += ["--image-size", "32", "--clip-steps", "2", "--clip-batch", "4"]
     assert cli.main(argv) == 0
     assert (tmp_path / "clip" / "model" / "open_clip_model.safetensors").is_file()
+
+
+def test_dallebart_stage_trains_on_captions_naming_every_drawn_cell(tmp_path):
+    world.write_dataset(tmp_path / "world", 60, 1, 1, size=32)
+    _, captions, scenes = world.load_split(tmp_path / "world", "train")
+    args = argparse.Namespace(workdir=str(tmp_path), seed=0)
+    renamed = cli._captions_naming_cells(args, captions)
+    changed = [i for i, (old, new) in enumerate(zip(captions, renamed, strict=True)) if old != new]
+    assert len(changed) > 5
+    for index, (text, scene) in enumerate(zip(renamed, scenes, strict=True)):
+        request = world.parse_caption(text)
+        if index in changed:
+            assert [o.position for o in request.objects] == [
+                world.position_at(*center) for center in scene.layout
+            ]
+        else:
+            assert request == scene.request()  # already naming its cells, or a relation
+    with pytest.raises(ValueError, match="--no-cell-captions"):
+        cli._captions_naming_cells(args, captions[::-1])
 
 
 def test_cli_names_the_missing_input(tmp_path, capsys):

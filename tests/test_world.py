@@ -103,6 +103,28 @@ def test_parse_caption_recovers_the_scene_raw_and_normalized(split, normalizer):
         assert world.parse_caption(normalizer(text)) == scene.request(), normalizer(text)
 
 
+def test_captions_naming_cells_name_where_each_object_is_drawn():
+    renamed, kept = 0, 0
+    for scene, _ in sampled("train", 300):
+        named = world.with_cells_named(scene)
+        request = world.parse_caption(world.caption(named, random.Random(0)))
+        is_repeated = len(scene.objects) == 2 and scene.objects[0] == scene.objects[1]
+        if scene.relation is not None or is_repeated:
+            assert named == scene  # one phrase for two objects, or a relation: left as it is
+            kept += 1
+            continue
+        drawn = [world.position_at(*center) for center in scene.layout]
+        assert [obj.position for obj in request.objects] == drawn
+        # nothing else changes: colours, kinds, sizes, background, and every named cell
+        assert request == named.request()
+        assert all(
+            old.position in (None, new.position)
+            for old, new in zip(scene.objects, named.objects, strict=True)
+        )
+        renamed += any(obj.position is None for obj in scene.objects)
+    assert renamed > 50 and kept > 20
+
+
 def test_captions_vary_in_phrasing():
     scene = world.Scene((SceneObject("gray", "star", "small", "top left"),), "orange")
     texts = {world.caption(scene, random.Random(seed)) for seed in range(200)}

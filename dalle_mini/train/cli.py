@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import shutil
 import sys
 import time
@@ -104,12 +105,37 @@ def stage_encode(args) -> dict:
     return {}
 
 
+def _captions_naming_cells(args, captions: list[str]) -> list[str]:
+    """The encoded world's training captions, each one that leaves an object's cell unnamed
+    recaptioned to name every cell (`world.with_cells_named`); same images and codes. The
+    place of an object is decided by a few codes only, and the DalleBart learns it from the
+    captions that name it (500-step fine-tunes of the shipped model, 64 prompts x 16: position
+    16.6% -> 22.9% of all candidates, 26.7% -> 35.1% of the kept nine)."""
+    _, world_captions, scenes = world.load_split(Path(args.workdir) / "world", "train")
+    if list(captions) != world_captions:
+        raise ValueError(
+            "encoded/train.parquet does not hold the world's training split in order: "
+            "encode again, or pass --no-cell-captions"
+        )
+    rng = random.Random(args.seed)
+    renamed = [world.with_cells_named(scene) for scene in scenes]
+    captions = [
+        text if new == scene else world.caption(new, rng)
+        for text, scene, new in zip(captions, scenes, renamed, strict=True)
+    ]
+    changed = sum(new != scene for scene, new in zip(scenes, renamed, strict=True))
+    print(f"[dallebart] {changed} of {len(captions)} training captions now name every cell")
+    return captions
+
+
 def stage_dallebart(args) -> dict:
     from dalle_mini.models.dallebart import DalleBart
     from dalle_mini.processor import DalleBartProcessor
 
     data = args.data or [Path(args.workdir) / "encoded" / "train.parquet"]
     captions, codes = read_encoded(data)
+    if not args.data and args.cell_captions:
+        captions = _captions_naming_cells(args, captions)
     num_codes = args.num_codes or _vqgan_config(args).model.n_embed
     processor = model_config = init_params = None
     if args.init_from:  # fine-tuning keeps the model's size, tokenizer and weights
@@ -329,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--init-from", help="fine-tune this DalleBart folder (or 'embedded') instead of a new one"
+    )
+    group.add_argument(
+        "--no-cell-captions",
+        dest="cell_captions",
+        action="store_false",
+        help="train on the encoded world's captions as written; by default a caption that "
+        "leaves an object's grid cell unnamed is recaptioned to name it (world data only)",
     )
     group.add_argument("--dallebart-steps", type=int, default=2000)
     group.add_argument("--dallebart-batch", type=int, default=32)

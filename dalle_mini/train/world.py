@@ -431,6 +431,20 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return re.sub(r"\ba(?= [aeiou])", "an", text)
 
 
+def with_cells_named(scene: Scene) -> Scene:
+    """The scene with each object's drawn cell (from its layout) as its named position, for a
+    caption that says where everything is; scenes with a relation or a repeated object ("two
+    circles", one phrase for both) are returned as they are."""
+    is_repeated = len(scene.objects) == 2 and scene.objects[0] == scene.objects[1]
+    if scene.layout is None or scene.relation is not None or is_repeated:
+        return scene
+    objects = tuple(
+        dataclasses.replace(obj, position=position_at(*center))
+        for obj, center in zip(scene.objects, scene.layout, strict=True)
+    )
+    return dataclasses.replace(scene, objects=objects)
+
+
 # --- parsing --------------------------------------------------------------------------------
 
 _SYNONYMS = {
