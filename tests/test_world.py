@@ -108,8 +108,7 @@ def test_captions_naming_cells_name_where_each_object_is_drawn():
     for scene, _ in sampled("train", 300):
         named = world.with_cells_named(scene)
         request = world.parse_caption(world.caption(named, random.Random(0)))
-        is_repeated = len(scene.objects) == 2 and scene.objects[0] == scene.objects[1]
-        if scene.relation is not None or is_repeated:
+        if scene.relation is not None or scene.is_repeated:
             assert named == scene  # one phrase for two objects, or a relation: left as it is
             kept += 1
             continue

@@ -112,20 +112,26 @@ def _captions_naming_cells(args, captions: list[str]) -> list[str]:
     captions that name it (500-step fine-tunes of the shipped model, 64 prompts x 16: position
     16.6% -> 22.9% of all candidates, 26.7% -> 35.1% of the kept nine)."""
     _, world_captions, scenes = world.load_split(Path(args.workdir) / "world", "train")
-    if list(captions) != world_captions:
-        raise ValueError(
-            "encoded/train.parquet does not hold the world's training split in order: "
-            "encode again, or pass --no-cell-captions"
-        )
-    rng = random.Random(args.seed)
-    renamed = [world.with_cells_named(scene) for scene in scenes]
-    captions = [
-        text if new == scene else world.caption(new, rng)
-        for text, scene, new in zip(captions, scenes, renamed, strict=True)
-    ]
-    changed = sum(new != scene for scene, new in zip(scenes, renamed, strict=True))
+    _check_world_order(
+        Path(args.workdir) / "encoded" / "train.parquet",
+        captions,
+        world_captions,
+        "encode again, or pass --no-cell-captions",
+    )
+    rng, captions, changed = random.Random(args.seed), list(captions), 0
+    for index, scene in enumerate(scenes):
+        named = world.with_cells_named(scene)
+        if named != scene:
+            captions[index] = world.caption(named, rng)
+            changed += 1
     print(f"[dallebart] {changed} of {len(captions)} training captions now name every cell")
     return captions
+
+
+def _check_world_order(path: Path, encoded_captions, world_captions, fix: str) -> None:
+    """Refuses parquet rows that are not the world's training split, in order."""
+    if list(encoded_captions) != list(world_captions):
+        raise ValueError(f"{path} does not hold the world's training split in order: {fix}")
 
 
 def stage_dallebart(args) -> dict:
@@ -208,8 +214,7 @@ def _reconstructor(args, captions: list[str]):
     from dalle_mini.models.vqgan import VQModel
 
     encoded_captions, codes = read_encoded(path)
-    if list(encoded_captions) != list(captions):
-        raise ValueError(f"{path} does not hold the world's training split in order: encode again")
+    _check_world_order(path, encoded_captions, captions, "encode again")
     model, params = VQModel.from_pretrained(vqgan)
 
     def reconstruct(indices: np.ndarray) -> np.ndarray:

@@ -162,7 +162,7 @@ def counterfactual(scene: world.Scene, rng: random.Random) -> world.Scene:
             colours = [colour for colour in world.COLORS if colour not in taken]
             return dataclasses.replace(scene, background=rng.choice(colours))
         objects = list(scene.objects)
-        repeated = len(objects) == 2 and objects[0] == objects[1]
+        repeated = scene.is_repeated
         index = rng.randrange(len(objects))
         if attribute == "position":
             index = rng.choice([i for i, obj in enumerate(objects) if obj.position])

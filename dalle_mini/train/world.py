@@ -90,6 +90,11 @@ class Scene:
     relation: str | None = None
     layout: tuple[tuple[float, float], ...] | None = None
 
+    @property
+    def is_repeated(self) -> bool:
+        """Two of one object: captioned as one phrase ("two red circles") or not at all apart."""
+        return len(self.objects) == 2 and self.objects[0] == self.objects[1]
+
     def request(self) -> Scene:
         """The scene as its caption conveys it: everything but the drawn layout."""
         return dataclasses.replace(self, layout=None)
@@ -398,8 +403,7 @@ def _position_phrase(position: str | None, rng: random.Random) -> str:
 
 def _objects_phrase(scene: Scene, rng: random.Random) -> str:
     first = scene.objects[0]
-    is_repeated = len(scene.objects) == 2 and first == scene.objects[1]
-    if is_repeated and scene.relation is None and first.position is None:
+    if scene.is_repeated and scene.relation is None and first.position is None:
         return "two " + _noun_phrase(first, rng, plural=True)
     phrases = [
         rng.choices(_ARTICLES, weights=(8, 1, 1))[0]
@@ -435,8 +439,7 @@ def with_cells_named(scene: Scene) -> Scene:
     """The scene with each object's drawn cell (from its layout) as its named position, for a
     caption that says where everything is; scenes with a relation or a repeated object ("two
     circles", one phrase for both) are returned as they are."""
-    is_repeated = len(scene.objects) == 2 and scene.objects[0] == scene.objects[1]
-    if scene.layout is None or scene.relation is not None or is_repeated:
+    if scene.layout is None or scene.relation is not None or scene.is_repeated:
         return scene
     objects = tuple(
         dataclasses.replace(obj, position=position_at(*center))
