@@ -162,8 +162,8 @@ class Pipeline:
           num_candidates: images sampled, of which CLIP keeps the best `num_images`.
           seed: 0 to 2**32 - 1; candidate i of a seed is always the same image.
           temperature: > 0; below 1 plainer and safer, above 1 more varied.
-          top_k: sample among the k likeliest codes; None is the model's default (50, as the
-            original), 0 turns it off.
+          top_k: sample among the k likeliest codes; None is the model's default (config.json:
+            50 as the original, 8 for the embedded model), 0 turns it off.
           top_p: sample among the likeliest codes holding this probability; None is off.
           condition_scale: super-conditioning weight, >= 0; 1 is plain sampling; None is the
             model's default (config.json `condition_scale`: 10 for the published models, 1.5 for

@@ -134,7 +134,7 @@ def make_request(
     """Checks every knob and resolves the defaults.
 
     Args:
-      top_k: None means `default_top_k` (the model's, 50, as the original); 0 disables it.
+      top_k: None means `default_top_k` (the model's: 50 as the original, 8 embedded); 0 off.
       top_p: None or 1.0 disables nucleus filtering.
       rerank: True samples `num_candidates` and keeps the `num_images` CLIP ranks best; False
         samples `num_images` only (candidates 0..num_images-1), in seed order.

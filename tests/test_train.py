@@ -386,3 +386,24 @@ def test_dallebart_stage_trains_on_captions_naming_every_drawn_cell(tmp_path):
 def test_cli_names_the_missing_input(tmp_path, capsys):
     assert cli.main(["dallebart", "--workdir", str(tmp_path)]) == 2
     assert "encode" in capsys.readouterr().err
+
+
+def test_evaluation_samples_as_the_app_does_unless_told_otherwise(tmp_path):
+    from tiny_pipeline import build_tiny_pipeline
+
+    from dalle_mini.train import evaluate as evaluation
+
+    models = evaluation.Models.load(build_tiny_pipeline(tmp_path / "models"))
+    world.write_dataset(tmp_path / "world", 2, 1, 1, size=32)
+    own = models.dallebart.config
+    config = evaluation.EvalConfig(num_prompts=1, num_candidates=2, keep=1)
+    # the model's own top_k and condition scale (config.json), which the app samples with
+    report = evaluation.run(models, tmp_path / "world", tmp_path / "eval", config)
+    assert (report["config"]["top_k"], report["config"]["condition_scale"]) == (
+        own.top_k,
+        own.condition_scale,
+    )
+    told = dataclasses.replace(config, top_k=3, condition_scale=2.0)
+    report = evaluation.run(models, tmp_path / "world", tmp_path / "eval", told)
+    assert (report["config"]["top_k"], report["config"]["condition_scale"]) == (3, 2.0)
+    assert "top_k 3" in (tmp_path / "eval" / "report.md").read_text()

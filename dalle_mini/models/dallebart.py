@@ -361,7 +361,7 @@ class DalleBart:
         Args:
           prng_key: row r uses `fold_in(prng_key, image_indices[r])`, so an image does not depend
             on the batch it was sampled in. Default PRNGKey(0).
-          top_k: None is the original's default (config.top_k, 50); 0 disables it.
+          top_k: None is config.top_k (the original's 50; the embedded model's 8); 0 disables it.
           top_p: None or 1.0 disables nucleus filtering. temperature: None is 1.0.
           condition_scale: super-conditioning weight; 1.0 skips the unconditional rows.
           only_image_codes: never sample ids that are not VQGAN codes (start token, eos/pad,

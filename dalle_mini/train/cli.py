@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--condition-scale", type=float, help="default: the DalleBart's own (its config.json)"
     )
-    group.add_argument("--top-k", type=int, default=64)
+    group.add_argument("--top-k", type=int, help="default: the DalleBart's own (its config.json)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering; 1 disables it")
     group.add_argument("--temperature", type=float, default=1.0)
     return parser

@@ -48,7 +48,7 @@ class EvalConfig:
     num_candidates: int = 32
     keep: int = 9
     condition_scale: float | None = None  # None: the DalleBart's own (config.json)
-    top_k: int = 64
+    top_k: int | None = None  # None: the DalleBart's own (config.json), as the app samples
     top_p: float = 1.0
     temperature: float = 1.0
     prompts_per_call: int = 8  # prompts sampled together (× num_candidates rows)
@@ -190,10 +190,14 @@ def run(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if config.condition_scale is None:
-        config = dataclasses.replace(
-            config, condition_scale=models.dallebart.config.condition_scale
-        )
+    own = models.dallebart.config
+    config = dataclasses.replace(
+        config,
+        condition_scale=own.condition_scale
+        if config.condition_scale is None
+        else config.condition_scale,
+        top_k=own.top_k if config.top_k is None else config.top_k,
+    )
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "splits": {}, **(extra or {})}
     for split in ("valid", "heldout"):
         _, captions, scenes = world.load_split(world_dir, split)

@@ -61,7 +61,10 @@ def embedded_config(
         condition_scale=1.5,
         image_length=image_length,
         init_std=0.02,
-        top_k=50,
+        # measured (128 validation prompts x 32, 9 kept): at top-k 64 / 16 / 8, candidates with
+        # the right number of objects 47.5 / 54.6 / 60.4% (reranked 56.4 / 62.8 / 69.9%), named
+        # place reranked 76.9 / 78.1 / 80.1%: the rarer codes are the stray specks
+        top_k=8,
     )
 
 
