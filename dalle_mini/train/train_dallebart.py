@@ -63,7 +63,7 @@ def embedded_config(
         init_std=0.02,
         # measured (128 validation prompts x 32, 9 kept): at top-k 64 / 16 / 8, candidates with
         # the right number of objects 47.5 / 54.6 / 60.4% (reranked 56.4 / 62.8 / 69.9%), named
-        # place reranked 76.9 / 78.1 / 80.1%: the rarer codes are the stray specks
+        # place reranked 76.9 / 78.1 / 80.1%: the rarest codes sampled are mostly stray specks
         top_k=8,
     )
 
