@@ -359,7 +359,7 @@ def _unstack(leaf, count: int) -> list:
 
 def compiler_options(dtype: Any = jnp.float32) -> dict[str, Any]:
     """XLA options for the compiled sampling loop on this machine's default backend; the
-    DalleBart and VQGAN training steps take them too.
+    VQGAN's encode and decode and the DalleBart and VQGAN training steps take them too.
 
     On CPU, JAX 0.10 hands matrix products to YNNPACK. A sampling step multiplies a few rows
     (2 per image) by every weight matrix, and at float32 such products run 10-25% faster
@@ -367,9 +367,9 @@ def compiler_options(dtype: Any = jnp.float32) -> dict[str, Any]:
     the same sampled codes; at bfloat16 YNNPACK is the faster one. Of the embedded models'
     float32 training steps (`bench/bench_train_step.py`, 2-core CPU), the VQGAN's runs
     1.19-1.25x faster with them and the DalleBart's 0.99-1.10x (within this machine's noise);
-    the CLIP's runs slower (0.86x), so it keeps JAX's default. The option only affects the
-    executables it is passed to, never the rest of the process, and is left out where this
-    JAX does not know it.
+    the CLIP's runs slower (0.86x), so it keeps JAX's default. VQGAN decoding runs 1.45-2.4x
+    faster (`bench/bench_vqgan.py`). The option only affects the executables it is passed to,
+    never the rest of the process, and is left out where this JAX does not know it.
     """
     if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
         return {}

@@ -407,3 +407,19 @@ def test_evaluation_samples_as_the_app_does_unless_told_otherwise(tmp_path):
     report = evaluation.run(models, tmp_path / "world", tmp_path / "eval", told)
     assert (report["config"]["top_k"], report["config"]["condition_scale"]) == (3, 2.0)
     assert "top_k 3" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_an_evaluation_report_gives_its_own_time_not_an_earlier_evaluations(tmp_path):
+    from tiny_pipeline import build_tiny_pipeline
+
+    models = build_tiny_pipeline(tmp_path / "models")
+    world.write_dataset(tmp_path / "world", 2, 1, 1, size=32)
+    earlier = {"world": 1.5, "vqgan": 20.0, "evaluate": 9999.0, "total": 10020.5}
+    (tmp_path / cli.TIMINGS_NAME).write_text(json.dumps(earlier))
+    argv = ["evaluate", "--workdir", str(tmp_path), "--models", str(models)]
+    argv += ["--eval-prompts", "1", "--eval-candidates", "2", "--eval-keep", "1"]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["timings_s"] == {"world": 1.5, "vqgan": 20.0, "total": 21.5}
+    assert report["evaluate_seconds"] < 9999.0
+    assert json.loads((tmp_path / cli.TIMINGS_NAME).read_text())["evaluate"] < 9999.0

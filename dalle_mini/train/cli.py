@@ -240,12 +240,16 @@ def stage_evaluate(args) -> dict:
         seed=args.seed,
     )
     extra = {}
-    for name in ("vqgan/report.json", TIMINGS_NAME):
-        path = Path(args.workdir) / name
-        if path.is_file():
-            extra["vqgan" if name.startswith("vqgan") else "timings_s"] = json.loads(
-                path.read_text()
-            )
+    vqgan_report = Path(args.workdir) / "vqgan" / "report.json"
+    if vqgan_report.is_file():
+        extra["vqgan"] = json.loads(vqgan_report.read_text())
+    timings_path = Path(args.workdir) / TIMINGS_NAME
+    if timings_path.is_file():
+        # the stages before this one; this evaluation's own time is the report's evaluate_seconds,
+        # and an earlier evaluation's would only mislead
+        timings = json.loads(timings_path.read_text())
+        earlier = {name: timings[name] for name in STAGES[:-1] if name in timings}
+        extra["timings_s"] = {**earlier, "total": round(sum(earlier.values()), 1)}
     results = evaluation.run(
         models, Path(args.workdir) / "world", Path(args.workdir) / "eval", config, extra
     )
