@@ -248,8 +248,7 @@ def stage_evaluate(args) -> dict:
         # the stages before this one; this evaluation's own time is the report's evaluate_seconds,
         # and an earlier evaluation's would only mislead
         timings = json.loads(timings_path.read_text())
-        earlier = {name: timings[name] for name in STAGES[:-1] if name in timings}
-        extra["timings_s"] = {**earlier, "total": round(sum(earlier.values()), 1)}
+        extra["timings_s"] = with_total({n: timings[n] for n in STAGES[:-1] if n in timings})
     results = evaluation.run(
         models, Path(args.workdir) / "world", Path(args.workdir) / "eval", config, extra
     )
@@ -304,14 +303,18 @@ RUNNERS = {
 }
 
 
+def with_total(timings: dict[str, float]) -> dict[str, float]:
+    """`timings` (seconds per stage) with "total": the sum of the stages among them."""
+    return {**timings, "total": round(sum(timings.get(name, 0.0) for name in STAGES), 1)}
+
+
 def run_stage(args, stage: str) -> None:
     """Runs one stage and records its wall time in `workdir/timings.json`."""
     started = time.time()
     RUNNERS[stage](args)
     timings_path = Path(args.workdir) / TIMINGS_NAME
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    timings[stage] = round(time.time() - started, 1)  # this invocation's time
-    timings["total"] = round(sum(timings.get(name, 0.0) for name in STAGES), 1)
+    timings = with_total({**timings, stage: round(time.time() - started, 1)})  # this run's time
     timings_path.parent.mkdir(parents=True, exist_ok=True)
     timings_path.write_text(json.dumps(timings, indent=2) + "\n")
     print(f"[{stage}] took {timings[stage]:.0f} s (all stages: {timings['total']:.0f} s)")
