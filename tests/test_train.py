@@ -147,6 +147,34 @@ def test_vqgan_trainer_loss_falls_and_codebook_is_used(tmp_path):
     assert np.unique(codes).size > 0.3 * 32  # k-means start + restarts: no collapse onto few codes
 
 
+def test_code_costs_trade_a_little_distance_for_commoner_codes():
+    images, _ = _world_images(48)
+    config = dataclasses.replace(
+        train_vqgan.embedded_config(32), ch_mult=(1, 1), z_channels=8, n_embed=64, embed_dim=4
+    )
+    vqgan = VQModel(config)
+    params = vqgan.init_params(jax.random.PRNGKey(1))
+    nearest = train_vqgan.encode_images(vqgan, params, images)
+    off = train_vqgan.code_costs(vqgan, params, images, rate=0.0)
+    assert not off.costs.any()  # rate 0: the original nearest-code encoding, to the bit
+    np.testing.assert_array_equal(
+        train_vqgan.encode_images(vqgan, params, images, code_costs=off.costs), nearest
+    )
+    found = train_vqgan.code_costs(vqgan, params, images, rate=4.0, sample=32)
+    assert found.entropy_costed < found.entropy_nearest - 0.1
+    assert found.used_costed < found.used_nearest
+    costed = train_vqgan.encode_images(vqgan, params, images, code_costs=found.costs)
+    # each latent's choice is the best of distance + cost: never worse than its nearest code
+    z = np.asarray(vqgan.latents(images.astype(np.float32) / 255.0, params)).reshape(-1, 4)
+    book = np.asarray(params["quantize"]["embedding"]["embedding"])
+    distance = lambda codes: np.sum((z - book[codes.ravel()]) ** 2, axis=-1)  # noqa: E731
+    total = lambda codes: distance(codes) + found.costs[codes.ravel()]  # noqa: E731
+    assert np.all(total(costed) <= total(nearest) + 1e-4)
+    assert np.mean(costed != nearest) > 0.05
+    with pytest.raises(ValueError, match=r"one float per code, shape \(64,\)"):
+        vqgan.encode(images[:1].astype(np.float32) / 255.0, params, code_costs=np.zeros(8))
+
+
 def _grid_distance_to_most_similar(table, side):
     """For each position, the row + column distance to the position whose embedding is most like
     its own (cosine)."""
@@ -357,6 +385,9 @@ def test_encode_stage_writes_the_original_parquet_format(tmp_path):
     assert table.column("caption").to_pylist() == captions
     encodings = table.column("encoding").to_pylist()
     assert all(len(row) == 64 and min(row) >= 0 and max(row) < 16 for row in encodings)  # 8×8 grid
+    report = json.loads((tmp_path / "encoded" / "report.json").read_text())
+    assert report["weight"] == cli.CODE_RATE > 0  # commoner codes by default
+    assert report["entropy_costed"] <= report["entropy_nearest"]
     # the clip stage shows its images as the VQGAN that made these codes decodes them
     argv = ["clip", "--workdir", str(tmp_path), "--vqgan", str(tmp_path / "vqgan"), "--tiny"]
     argv += ["--image-size", "32", "--clip-steps", "2", "--clip-batch", "4"]

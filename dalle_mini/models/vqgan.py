@@ -193,9 +193,12 @@ class VQGANModule(nn.Module):
         hidden = self.encoder(images.astype(self.dtype), train)  # (B, h, w, z_channels)
         return self.quant_conv(hidden).astype(jnp.float32)  # (B, h, w, embed_dim)
 
-    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Images → (quantized latents (B, h, w, embed_dim), codes (B, h * w) int32)."""
-        codes = self.quantize.nearest_codes(self.latents(images))  # (B, h, w)
+    def encode(
+        self, images: jax.Array, code_costs: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Images → (quantized latents (B, h, w, embed_dim), codes (B, h * w) int32);
+        `code_costs` as `VectorQuantizer.nearest_codes`."""
+        codes = self.quantize.nearest_codes(self.latents(images), code_costs)  # (B, h, w)
         quant = self.quantize.lookup(codes)  # (B, h, w, embed_dim)
         return quant, codes.reshape(codes.shape[0], -1)
 
@@ -234,7 +237,7 @@ def _jitted(config: VQGANConfig, dtype: Any, method: str):
     module = VQGANModule(config, dtype=dtype)
     method_fn = getattr(VQGANModule, method)
     return jax.jit(
-        lambda params, x: module.apply({"params": params}, x, method=method_fn),
+        lambda params, x, *more: module.apply({"params": params}, x, *more, method=method_fn),
         compiler_options=sampling.compiler_options(dtype),
     )
 
@@ -253,6 +256,7 @@ class VQModel:
         self.module = VQGANModule(config, dtype=dtype)
         self.params = None  # set only by from_pretrained(..., _do_init=True), as in the original
         self._encode = _jitted(config, dtype, "encode")
+        self._latents = _jitted(config, dtype, "latents")
         self._decode = _jitted(config, dtype, "decode")
         self._decode_code = _jitted(config, dtype, "decode_code")
 
@@ -339,9 +343,32 @@ class VQModel:
             )
         return self.params
 
-    def encode(self, images: Any, params: Any = None) -> tuple[jax.Array, jax.Array]:
+    def encode(
+        self, images: Any, params: Any = None, code_costs: Any = None
+    ) -> tuple[jax.Array, jax.Array]:
         """Images (B, H, W, in_channels) floats in [0, 1] → (quant (B, h, w, embed_dim) float32,
-        codes (B, h * w) int32, row-major). H and W must be multiples of the downsample factor."""
+        codes (B, h * w) int32, row-major). H and W must be multiples of the downsample factor.
+
+        Each latent takes its nearest code, as the original; given `code_costs` (n_embed,),
+        the code minimising squared distance + cost instead (`train_vqgan.code_costs`)."""
+        images, params = self._encoder_input(images, params)
+        if code_costs is None:
+            return self._encode(params, images)
+        code_costs = jnp.asarray(code_costs, jnp.float32)
+        if code_costs.shape != (self.config.n_embed,):
+            raise ValueError(
+                f"code_costs must be one float per code, shape ({self.config.n_embed},); got "
+                f"{code_costs.shape}"
+            )
+        return self._encode(params, images, code_costs)
+
+    def latents(self, images: Any, params: Any = None) -> jax.Array:
+        """Images as `encode` takes them → the encoder's unquantized latents (B, h, w,
+        embed_dim) float32, before the nearest-code choice."""
+        images, params = self._encoder_input(images, params)
+        return self._latents(params, images)
+
+    def _encoder_input(self, images: Any, params: Any) -> tuple[jax.Array, Any]:
         images = jnp.asarray(images)
         self._check_images(images)
         params = self._params_or_own(params)
@@ -350,7 +377,7 @@ class VQModel:
                 "these VQGAN params have no image encoder (loaded with decoder_only=True): "
                 "load the checkpoint without decoder_only to encode images"
             )
-        return self._encode(params, images.astype(jnp.float32))
+        return images.astype(jnp.float32), params
 
     def decode(self, quant: Any, params: Any = None) -> jax.Array:
         """Quantized latents (B, h, w, embed_dim) → images (B, H, W, out_ch) float32.

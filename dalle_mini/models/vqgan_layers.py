@@ -309,9 +309,11 @@ class VectorQuantizer(nn.Module):
             dtype=jnp.float32,
         )
 
-    def nearest_codes(self, z: jax.Array) -> jax.Array:
+    def nearest_codes(self, z: jax.Array, code_costs: jax.Array | None = None) -> jax.Array:
         """Latents (..., embed_dim) → int32 codes (...): argmin of |z|² + |e|² − 2 z·e, the
-        first index on ties, all in float32."""
+        first index on ties, all in float32. `code_costs` (n_embed,), if given, is added to
+        every latent's squared distances first (an entropy-constrained choice: see
+        `train_vqgan.code_costs`)."""
         codebook = self.embedding.embedding.astype(jnp.float32)  # (K, D)
         flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)  # (N, D)
         distances = (
@@ -319,6 +321,8 @@ class VectorQuantizer(nn.Module):
             + jnp.sum(codebook**2, axis=1)
             - 2.0 * flat @ codebook.T
         )  # (N, K)
+        if code_costs is not None:
+            distances = distances + code_costs.astype(jnp.float32)
         return jnp.argmin(distances, axis=1).astype(jnp.int32).reshape(z.shape[:-1])
 
     def lookup(self, codes: jax.Array) -> jax.Array:

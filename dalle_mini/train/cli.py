@@ -30,6 +30,7 @@ from dalle_mini.train import evaluate as evaluation
 from dalle_mini.train.data import read_encoded, write_encoded
 
 STAGES = ("world", "vqgan", "encode", "dallebart", "clip", "evaluate")
+CODE_RATE = 10.0
 TIMINGS_NAME = "timings.json"
 
 
@@ -97,11 +98,20 @@ def stage_encode(args) -> dict:
     from dalle_mini.models.vqgan import VQModel
 
     model, params = VQModel.from_pretrained(_vqgan_folder(args))
+    costs, report = None, {"code_rate": 0.0}
+    if args.code_rate > 0:
+        train_images = world.load_split(Path(args.workdir) / "world", "train")[0]
+        found = train_vqgan.code_costs(model, params, train_images, args.code_rate)
+        print(f"[encode] {found.summary()} (the first {min(len(train_images), 4096)} images)")
+        costs = found.costs
+        report = {key: value for key, value in dataclasses.asdict(found).items() if key != "costs"}
     for split in world.SPLITS:
         images, captions, _ = world.load_split(Path(args.workdir) / "world", split)
-        codes = train_vqgan.encode_images(model, params, images)
+        codes = train_vqgan.encode_images(model, params, images, code_costs=costs)
         path = write_encoded(Path(args.workdir) / "encoded" / f"{split}.parquet", captions, codes)
         print(f"[encode] {split}: {len(captions)} rows -> {path}")
+    report_path = Path(args.workdir) / "encoded" / "report.json"
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
     return {}
 
 
@@ -355,6 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--vqgan",
         help="encode, and clip's VQGAN views: the VQGAN folder the codes are made with "
         "(default: the trained one)",
+    )
+    group = parser.add_argument_group("encode")
+    group.add_argument(
+        "--code-rate",
+        type=float,
+        default=CODE_RATE,
+        help="prefer common codes where a rarer one fits barely better (entropy-constrained "
+        "encoding, `train_vqgan.code_costs`): the cost of a nat of code information, in "
+        "median squared distances to the nearest code; 0 takes the nearest code, as the "
+        "original",
     )
     group = parser.add_argument_group("dallebart")
     group.add_argument(

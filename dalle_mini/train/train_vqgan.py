@@ -28,6 +28,7 @@ import numpy as np
 
 from dalle_mini import sampling
 from dalle_mini.models.vqgan import VQGANConfig, VQGANModule, VQModel
+from dalle_mini.models.vqgan_layers import VectorQuantizer
 from dalle_mini.train import common
 
 USAGE_DECAY = 0.95  # per-step decay of each code's running hit count
@@ -239,15 +240,88 @@ def train(images: np.ndarray, config: VQGANTrainConfig, workdir: str | Path) -> 
     return model, state.params
 
 
-def encode_images(model: VQModel, params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Codes (N, h * w) int32 of uint8 images (N, S, S, 3)."""
+def encode_images(
+    model: VQModel, params, images: np.ndarray, batch_size: int = 256, code_costs=None
+) -> np.ndarray:
+    """Codes (N, h * w) int32 of uint8 images (N, S, S, 3); `code_costs` as `VQModel.encode`."""
     codes = [
         np.asarray(
-            model.encode(images[i : i + batch_size].astype(np.float32) / 255.0, params=params)[1]
+            model.encode(
+                images[i : i + batch_size].astype(np.float32) / 255.0,
+                params=params,
+                code_costs=code_costs,
+            )[1]
         )
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(codes).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeCosts:
+    """What `code_costs` found: `costs` (n_embed,) float32 for `VQModel.encode`, and the
+    codes' entropy (nats per code) and number used on the sample, nearest codes vs. costed."""
+
+    costs: np.ndarray
+    weight: float
+    cost_per_nat: float
+    entropy_nearest: float
+    entropy_costed: float
+    used_nearest: int
+    used_costed: int
+
+    def summary(self) -> str:
+        return (
+            f"code rate {self.weight:g} (cost {self.weight:g} x the median squared distance per "
+            f"nat): {self.entropy_nearest:.2f} -> {self.entropy_costed:.2f} nats a code, "
+            f"{self.used_nearest} -> {self.used_costed} codes used"
+        )
+
+
+def code_costs(
+    model: VQModel, params, images: np.ndarray, rate: float, rounds: int = 4,
+    sample: int = 4096, batch_size: int = 256,
+) -> CodeCosts:  # fmt: skip
+    """Per-code costs that make encoding prefer common codes where a rarer one fits barely
+    better: entropy-constrained vector quantization. Each latent z then takes the code k
+    minimising |z − e_k|² + λ·(−log p_k), p_k how often k is taken, with λ = `rate` × the
+    median of |z − e|² to the nearest code (so `rate` does not depend on the latents' scale).
+
+    Why: this VQGAN's encoder sees beyond a code's own pixels, so flat background takes dozens
+    of codes that decode to the same colour (its 12×12-pixel flat patches: 2.3 nats of code
+    entropy per colour), a noise the DalleBart must learn to predict. p is re-estimated
+    `rounds` times on the first `sample` images, each time from the codes the previous costs
+    chose (at the first, nearest codes).
+    """
+    latents = np.concatenate([
+        np.asarray(model.latents(images[i : i + batch_size].astype(np.float32) / 255.0, params))
+        for i in range(0, min(len(images), sample), batch_size)
+    ])  # fmt: skip
+    quantizer, codebook = VectorQuantizer(model.config), {"params": params["quantize"]}
+    choose = jax.jit(
+        lambda z, costs: quantizer.apply(codebook, z, costs, method=VectorQuantizer.nearest_codes)
+    )
+    size = model.config.n_embed
+    codes = np.asarray(choose(latents, jnp.zeros(size)))
+    book = np.asarray(params["quantize"]["embedding"]["embedding"], np.float32)
+    nearest_error = np.sum((latents - book[codes]) ** 2, axis=-1)
+    scale = rate * float(np.median(nearest_error))
+    entropy_nearest, used_nearest = _entropy(codes, size), len(np.unique(codes))
+    costs = np.zeros(size, np.float32)
+    for _ in range(rounds if rate > 0 else 0):
+        counts = np.bincount(codes.ravel(), minlength=size) + 1e-3  # unused codes: very costly
+        costs = (scale * -np.log(counts / counts.sum())).astype(np.float32)
+        codes = np.asarray(choose(latents, jnp.asarray(costs)))
+    return CodeCosts(
+        costs, rate, scale, entropy_nearest, _entropy(codes, size), used_nearest,
+        len(np.unique(codes)),
+    )  # fmt: skip
+
+
+def _entropy(codes: np.ndarray, size: int) -> float:
+    counts = np.bincount(codes.ravel(), minlength=size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def decode_codes(model: VQModel, params, codes: np.ndarray, batch_size: int = 256) -> np.ndarray:
