@@ -368,7 +368,7 @@ def test_clip_sees_the_vqgans_reconstructions_in_place_of_the_softened_images(tm
     assert "--clip-views synthetic" in capsys.readouterr().err
 
 
-def test_encode_stage_writes_the_original_parquet_format(tmp_path):
+def test_encode_stage_writes_the_original_parquet_format(tmp_path, capsys):
     world.write_dataset(tmp_path / "world", 4, 4, 4, size=32)  # one batch shape
     config = dataclasses.replace(
         train_vqgan.embedded_config(32), ch_mult=(1, 1, 1), z_channels=8, n_embed=16, embed_dim=4
@@ -386,8 +386,11 @@ def test_encode_stage_writes_the_original_parquet_format(tmp_path):
     encodings = table.column("encoding").to_pylist()
     assert all(len(row) == 64 and min(row) >= 0 and max(row) < 16 for row in encodings)  # 8×8 grid
     report = json.loads((tmp_path / "encoded" / "report.json").read_text())
-    assert report["weight"] == cli.CODE_RATE > 0  # commoner codes by default
+    assert report["code_rate"] == cli.CODE_RATE > 0  # commoner codes by default
     assert report["entropy_costed"] <= report["entropy_nearest"]
+    argv = ["encode", "--workdir", str(tmp_path), "--vqgan", str(tmp_path / "vqgan")]
+    assert cli.main([*argv, "--code-rate", "-1"]) == 2
+    assert "--code-rate -1: must be 0 (nearest codes) or more" in capsys.readouterr().err
     # the clip stage shows its images as the VQGAN that made these codes decodes them
     argv = ["clip", "--workdir", str(tmp_path), "--vqgan", str(tmp_path / "vqgan"), "--tiny"]
     argv += ["--image-size", "32", "--clip-steps", "2", "--clip-batch", "4"]

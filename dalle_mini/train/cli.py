@@ -97,16 +97,19 @@ def _vqgan_folder(args) -> Path:
 def stage_encode(args) -> dict:
     from dalle_mini.models.vqgan import VQModel
 
+    if args.code_rate < 0:
+        raise ValueError(f"--code-rate {args.code_rate:g}: must be 0 (nearest codes) or more")
     model, params = VQModel.from_pretrained(_vqgan_folder(args))
+    world_dir = Path(args.workdir) / "world"
+    train = world.load_split(world_dir, "train")
     costs, report = None, {"code_rate": 0.0}
     if args.code_rate > 0:
-        train_images = world.load_split(Path(args.workdir) / "world", "train")[0]
-        found = train_vqgan.code_costs(model, params, train_images, args.code_rate)
-        print(f"[encode] {found.summary()} (the first {min(len(train_images), 4096)} images)")
+        found = train_vqgan.code_costs(model, params, train[0], args.code_rate)
+        print(f"[encode] {found.summary()}")
         costs = found.costs
         report = {key: value for key, value in dataclasses.asdict(found).items() if key != "costs"}
     for split in world.SPLITS:
-        images, captions, _ = world.load_split(Path(args.workdir) / "world", split)
+        images, captions, _ = train if split == "train" else world.load_split(world_dir, split)
         codes = train_vqgan.encode_images(model, params, images, code_costs=costs)
         path = write_encoded(Path(args.workdir) / "encoded" / f"{split}.parquet", captions, codes)
         print(f"[encode] {split}: {len(captions)} rows -> {path}")

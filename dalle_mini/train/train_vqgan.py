@@ -263,8 +263,9 @@ class CodeCosts:
     codes' entropy (nats per code) and number used on the sample, nearest codes vs. costed."""
 
     costs: np.ndarray
-    weight: float
+    code_rate: float
     cost_per_nat: float
+    images: int  # how many images the costs were estimated on
     entropy_nearest: float
     entropy_costed: float
     used_nearest: int
@@ -272,9 +273,10 @@ class CodeCosts:
 
     def summary(self) -> str:
         return (
-            f"code rate {self.weight:g} (cost {self.weight:g} x the median squared distance per "
-            f"nat): {self.entropy_nearest:.2f} -> {self.entropy_costed:.2f} nats a code, "
-            f"{self.used_nearest} -> {self.used_costed} codes used"
+            f"code rate {self.code_rate:g} (cost {self.code_rate:g} x the median squared distance "
+            f"per nat): {self.entropy_nearest:.2f} -> {self.entropy_costed:.2f} nats a code, "
+            f"{self.used_nearest} -> {self.used_costed} codes used (the first {self.images} "
+            "images)"
         )
 
 
@@ -313,7 +315,7 @@ def code_costs(
         costs = (scale * -np.log(counts / counts.sum())).astype(np.float32)
         codes = np.asarray(choose(latents, jnp.asarray(costs)))
     return CodeCosts(
-        costs, rate, scale, entropy_nearest, _entropy(codes, size), used_nearest,
+        costs, rate, scale, len(latents), entropy_nearest, _entropy(codes, size), used_nearest,
         len(np.unique(codes)),
     )  # fmt: skip
 
