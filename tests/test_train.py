@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dalle_mini.models.dallebart import DalleBart
 from dalle_mini.models.vqgan import VQModel
 from dalle_mini.processor import DalleBartProcessor, train_tokenizer
 from dalle_mini.train import cli, common, train_clip, train_dallebart, train_vqgan, world
@@ -145,6 +146,58 @@ def test_vqgan_trainer_loss_falls_and_codebook_is_used(tmp_path):
     assert losses[-1] < 0.6 * losses[0]
     codes = train_vqgan.encode_images(vqgan, params, images)
     assert np.unique(codes).size > 0.3 * 32  # k-means start + restarts: no collapse onto few codes
+
+
+def test_vqgan_crops_hold_an_object_and_keep_the_code_grid():
+    scene = world.parse_caption("a small red star at the bottom right on a gray background")
+    image = np.asarray(world.render(scene, 64)).astype(np.int32)
+    rows, columns = np.mgrid[:64, :64]
+    image[..., 2] += 4 * (rows % 4) + columns % 4  # a watermark below the foreground threshold
+    images = np.repeat(image.astype(np.uint8)[None], 40, axis=0)
+    crops = train_vqgan.object_crops(images, 32, 4, np.random.default_rng(0))
+    assert crops.shape == (40, 32, 32, 3)
+    red = np.all(np.abs(crops.astype(int) - world.COLORS["red"]) < 30, axis=-1)  # (40, 32, 32)
+    assert red.any(axis=(1, 2)).all()  # every crop shows the object
+    gray = np.asarray(world.COLORS["gray"])
+    assert np.all(crops[:, 0, 0, 2].astype(int) - gray[2] == 0)  # each starts on the code grid
+    starts = {crop.tobytes() for crop in crops}
+    assert len(starts) > 1  # jittered around the object, not one fixed window
+    blank = np.full((3, 64, 64, 3), 200, np.uint8)  # no object: a window anywhere
+    assert train_vqgan.object_crops(blank, 16, 4, np.random.default_rng(0)).shape == (3, 16, 16, 3)
+    with pytest.raises(ValueError, match="multiple of the downsampling 4"):
+        train_vqgan.object_crops(images, 30, 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="at most the image size 64"):
+        train_vqgan.object_crops(images, 128, 4, np.random.default_rng(0))
+
+
+def test_vqgan_trained_on_crops_reconstructs_whole_images(tmp_path):
+    images, _ = _world_images(64)
+    model = dataclasses.replace(
+        train_vqgan.embedded_config(32), ch_mult=(1, 1), z_channels=8, n_embed=32, embed_dim=4
+    )
+    config = train_vqgan.VQGANTrainConfig(
+        model=model,
+        optimizer=common.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
+        num_steps=24,
+        batch_size=16,
+        crop_size=16,
+        restart_every=4,
+        log_every=4,
+        checkpoint_every=24,
+    )
+    vqgan, params = train_vqgan.train(images, config, tmp_path)
+    losses = _losses(tmp_path)
+    assert losses[-1] < 0.6 * losses[0]
+    untrained = VQModel(model).init_params(jax.random.PRNGKey(0))
+    error = {}
+    for name, weights in (("trained", params), ("untrained", untrained)):
+        codes = train_vqgan.encode_images(vqgan, weights, images)  # whole 32 px images
+        error[name] = np.mean(
+            (train_vqgan.decode_codes(vqgan, weights, codes) / 255 - images / 255) ** 2
+        )
+    assert error["trained"] < 0.5 * error["untrained"]
+    with pytest.raises(ValueError, match="crop size 15"):
+        train_vqgan.train(images, dataclasses.replace(config, crop_size=15), tmp_path / "bad")
 
 
 def test_code_costs_trade_a_little_distance_for_commoner_codes():
@@ -457,3 +510,23 @@ def test_an_evaluation_report_gives_its_own_time_not_an_earlier_evaluations(tmp_
     assert report["timings_s"] == {"world": 1.5, "vqgan": 20.0, "total": 21.5}
     assert report["evaluate_seconds"] < 9999.0
     assert json.loads((tmp_path / cli.TIMINGS_NAME).read_text())["evaluate"] < 9999.0
+
+
+def test_all_runs_every_stage_and_installs_three_loadable_models(tmp_path):
+    # the tiny preset: every stage of the one command, the DalleBart and CLIP side by side
+    out = tmp_path / "models"
+    assert cli.main(["all", "--tiny", "--workdir", str(tmp_path / "run"), "--out", str(out)]) == 0
+    timings = json.loads((tmp_path / "run" / cli.TIMINGS_NAME).read_text())
+    assert set(cli.STAGES) <= set(timings) and timings["total"] > 0
+    assert (out / "evaluation_report.json").is_file()
+    assert DalleBart.from_pretrained(out / "dallebart")[0].config.image_length == 64
+    assert VQModel.from_pretrained(out / "vqgan")[0].config.resolution == 32
+    assert (out / "clip" / "open_clip_model.safetensors").is_file()
+
+
+def test_a_failing_side_by_side_stage_stops_the_run_and_is_named(tmp_path, capsys):
+    args = cli.build_parser().parse_args(["all", "--tiny", "--workdir", str(tmp_path)])
+    cli.tiny_overrides(args)
+    with pytest.raises(cli.StageFailed, match="dallebart"):  # nothing encoded to train on
+        cli.run_concurrently(args, cli.CONCURRENT_STAGES)
+    assert not (tmp_path / cli.TIMINGS_NAME).exists()  # no time recorded for a failed stage

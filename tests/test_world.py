@@ -83,6 +83,33 @@ def test_objects_never_match_the_background_nor_overlap_and_relations_hold():
     assert relations > 40
 
 
+def test_objects_stand_on_the_code_grid_so_a_kind_at_a_size_always_covers_its_codes_alike():
+    # every sampled centre is a lattice point at its size's phase
+    for scene, _ in sampled("train", 300):
+        for obj, centre in zip(scene.objects, scene.layout, strict=True):
+            for value in centre:
+                steps = value * world.LATTICE - world.LATTICE_PHASE[obj.size]
+                assert abs(steps - round(steps)) < 1e-3, (obj, centre)
+    # so one kind at one size is drawn pixel for pixel alike wherever it stands, up to whole codes
+    code = 64 // world.LATTICE
+    for size in world.SIZES:
+        star = SceneObject("red", "star", size)
+        crops = []
+        for position in ("top left", "center", "bottom right", "right"):
+            for seed in range(3):
+                scene = Scene((dataclasses.replace(star, position=position),))
+                scene = dataclasses.replace(scene, layout=world.place(scene, random.Random(seed)))
+                x, y = (round(v * 64) for v in scene.layout[0])  # whole pixels at 64 px
+                phase = world.LATTICE_PHASE[size] * code
+                assert (x - phase) % code == 0 and (y - phase) % code == 0
+                half = int(np.ceil(world.SIZE_RADIUS[size] * 64)) + 1
+                crops.append(
+                    np.asarray(world.render(scene, 64))[y - half : y + half, x - half : x + half]
+                )
+        assert all(np.array_equal(crop, crops[0]) for crop in crops[1:]), size
+        assert len({world.place(Scene((star,)), random.Random(seed)) for seed in range(20)}) > 1
+
+
 def test_default_layout_satisfies_a_parsed_relation():
     scene = world.parse_caption("a small green star below a red heart")
     first, second = world.place(scene)

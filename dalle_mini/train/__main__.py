@@ -2,4 +2,5 @@
 
 from dalle_mini.train.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not again in the stage processes `all` spawns
+    raise SystemExit(main())

@@ -1,11 +1,12 @@
 """The world: a synthetic dataset of simple scenes and the captions that describe them.
 
 A scene is a solid background with one or two coloured shapes placed on a 3×3 grid. This module
-holds the scene vocabulary, a seeded sampler, a caption writer with varied phrasing and its
-inverse `parse_caption`, a Pillow renderer (drawn at 4× and box-downsampled, so edges are
-anti-aliased), the split rule and the dataset writer with its command line. Scenes showing a
-colour–shape pair of `HELD_OUT_PAIRS` only ever appear in the held-out split, which therefore
-measures whether a model composes a colour and a shape it has only seen apart.
+holds the scene vocabulary, a seeded sampler (objects stand on the 16×16 grid of image codes),
+a caption writer with varied phrasing and its inverse `parse_caption`, a Pillow renderer (drawn
+at 4× and box-downsampled, so edges are anti-aliased), the split rule and the dataset writer
+with its command line. Scenes showing a colour–shape pair of `HELD_OUT_PAIRS` only ever appear
+in the held-out split, which therefore measures whether a model composes a colour and a shape
+it has only seen apart.
 
     python -m dalle_mini.train.world --out data/world --num-train 20000
 """
@@ -56,10 +57,16 @@ HELD_OUT_PAIRS = frozenset({
 })  # fmt: skip
 
 # Object radius (centre to the farthest point along x or y) as a fraction of the image side.
-# With its jitter an object stays within MAX_EXTENT of its cell centre (a cell spans ±1/6), so
-# objects in different cells never touch.
-SIZE_RADIUS = {"small": 0.07, "medium": 0.10, "big": 0.13}
-MAX_EXTENT = 0.145
+# Wherever it stands in its cell, an object stays within MAX_EXTENT of the cell's centre (a cell
+# spans ±1/6), so objects in different cells never touch.
+SIZE_RADIUS = {"small": 0.07, "medium": 0.10, "big": 0.125}
+MAX_EXTENT = 0.15
+# Object centres lie on the 16×16 grid of image codes (the VQGAN's, at downsampling 4 of 64 px),
+# offset by LATTICE_PHASE of a grid step: every drawing of a kind at a size then covers the same
+# codes in the same way, wherever it stands. Small shapes sit on a code's centre (3 codes
+# across), medium and big ones on a code corner (4 across; a big shape fills its 4 exactly).
+LATTICE = 16
+LATTICE_PHASE = {"small": 0.5, "medium": 0.0, "big": 0.0}
 # "left of" etc. hold when the centres differ by more than this fraction of the image side.
 RELATION_MARGIN = 0.1
 SUPERSAMPLE = 4
@@ -177,8 +184,9 @@ def _centrality(cells: tuple[int, ...]) -> tuple:
 def place(scene: Scene, rng: random.Random | None = None) -> tuple[tuple[float, float], ...]:
     """Object centres in cells that satisfy the scene's named positions and relation.
 
-    With `rng`: a random valid choice of cells plus a small jitter (the sampler's variety).
-    Without: the most central choice, no jitter (a deterministic drawing of any request).
+    With `rng`: a random valid choice of cells, each centre a random point of the LATTICE
+    within its cell's slack (the sampler's variety). Without: the most central choice of cells,
+    each centre the lattice point nearest its cell's centre (a deterministic drawing).
     """
     options = [
         cells
@@ -192,12 +200,27 @@ def place(scene: Scene, rng: random.Random | None = None) -> tuple[tuple[float, 
     cells = rng.choice(options) if rng is not None else min(options, key=_centrality)
     centres = []
     for obj, cell in zip(scene.objects, cells, strict=True):
-        x, y = cell_center(POSITIONS[cell])
-        if rng is not None:
-            slack = MAX_EXTENT - SIZE_RADIUS[obj.size]
-            x, y = x + rng.uniform(-slack, slack), y + rng.uniform(-slack, slack)
-        centres.append((round(x, 4), round(y, 4)))
+        x, y = (lattice_choice(c, obj.size, rng) for c in cell_center(POSITIONS[cell]))
+        centres.append((round(x, 6), round(y, 6)))  # lattice points are exact in binary
     return tuple(centres)
+
+
+def lattice_points(center: float, size: str) -> list[float]:
+    """The LATTICE points (fractions of the image side, at the size's phase) where an object of
+    `size` may stand along one axis of the cell centred at `center`, nearest first."""
+    slack = MAX_EXTENT - SIZE_RADIUS[size]
+    nearest = round(center * LATTICE - LATTICE_PHASE[size])
+    points = [
+        (step + LATTICE_PHASE[size]) / LATTICE
+        for step in range(nearest - 2, nearest + 3)
+        if abs((step + LATTICE_PHASE[size]) / LATTICE - center) <= slack + 1e-9
+    ]
+    return sorted(points, key=lambda point: (abs(point - center), point))
+
+
+def lattice_choice(center: float, size: str, rng: random.Random | None) -> float:
+    points = lattice_points(center, size)
+    return rng.choice(sorted(points)) if rng is not None else points[0]
 
 
 # --- shapes and rendering -------------------------------------------------------------------
