@@ -104,8 +104,10 @@ def object_crops(
     Why: objects cover a few percent of a world image, so a whole-image batch spends most of
     its pixels on flat background. The network is convolutional and reads crops as it reads
     whole images; measured at 800 steps on the world (512 validation reconstructions, scene
-    checker): 32 crops of 32 px a step against 8 whole images of 64 px (the same pixels), kind
-    32.6% -> 66.6%, colour 89.3% -> 99.4%, MSE 0.0021 -> 0.0015."""
+    checker; a probe whose windows were jittered around the objects' centres): 32 crops of
+    32 px a step against 8 whole images of 64 px (the same pixels), kind 32.6% -> 66.6%,
+    colour 89.3% -> 99.4%, MSE 0.0021 -> 0.0015. At the embedded run's 2,400 steps: kind 83.6%,
+    colour 100%, MSE 0.00066 (the previous VQGAN, whole images: 46.9%, 96.9%, 0.0012)."""
     size = images.shape[1]
     if crop_size % step or not step <= crop_size <= size:
         raise ValueError(
