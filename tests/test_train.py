@@ -127,12 +127,12 @@ def test_parquet_round_trip_and_caption_blanking(tmp_path):
 # --- the trainers -----------------------------------------------------------------------------
 
 
-def test_vqgan_trainer_loss_falls_and_codebook_is_used(tmp_path):
-    images, _ = _world_images(64)
+def _small_vqgan_config(**overrides) -> train_vqgan.VQGANTrainConfig:
+    """24 steps of a small VQGAN on 32 px world images."""
     model = dataclasses.replace(
         train_vqgan.embedded_config(32), ch_mult=(1, 1), z_channels=8, n_embed=32, embed_dim=4
     )
-    config = train_vqgan.VQGANTrainConfig(
+    settings = dict(
         model=model,
         optimizer=common.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
         num_steps=24,
@@ -141,7 +141,12 @@ def test_vqgan_trainer_loss_falls_and_codebook_is_used(tmp_path):
         log_every=4,
         checkpoint_every=24,
     )
-    vqgan, params = train_vqgan.train(images, config, tmp_path)
+    return train_vqgan.VQGANTrainConfig(**{**settings, **overrides})
+
+
+def test_vqgan_trainer_loss_falls_and_codebook_is_used(tmp_path):
+    images, _ = _world_images(64)
+    vqgan, params = train_vqgan.train(images, _small_vqgan_config(), tmp_path)
     losses = _losses(tmp_path)
     assert losses[-1] < 0.6 * losses[0]
     codes = train_vqgan.encode_images(vqgan, params, images)
@@ -172,23 +177,11 @@ def test_vqgan_crops_hold_an_object_and_keep_the_code_grid():
 
 def test_vqgan_trained_on_crops_reconstructs_whole_images(tmp_path):
     images, _ = _world_images(64)
-    model = dataclasses.replace(
-        train_vqgan.embedded_config(32), ch_mult=(1, 1), z_channels=8, n_embed=32, embed_dim=4
-    )
-    config = train_vqgan.VQGANTrainConfig(
-        model=model,
-        optimizer=common.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
-        num_steps=24,
-        batch_size=16,
-        crop_size=16,
-        restart_every=4,
-        log_every=4,
-        checkpoint_every=24,
-    )
+    config = _small_vqgan_config(batch_size=16, crop_size=16)
     vqgan, params = train_vqgan.train(images, config, tmp_path)
     losses = _losses(tmp_path)
     assert losses[-1] < 0.6 * losses[0]
-    untrained = VQModel(model).init_params(jax.random.PRNGKey(0))
+    untrained = VQModel(config.model).init_params(jax.random.PRNGKey(0))
     error = {}
     for name, weights in (("trained", params), ("untrained", untrained)):
         codes = train_vqgan.encode_images(vqgan, weights, images)  # whole 32 px images
