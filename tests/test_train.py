@@ -165,8 +165,8 @@ def test_vqgan_crops_hold_an_object_and_keep_the_code_grid():
     assert red.any(axis=(1, 2)).all()  # every crop shows the object
     gray = np.asarray(world.COLORS["gray"])
     assert np.all(crops[:, 0, 0, 2].astype(int) - gray[2] == 0)  # each starts on the code grid
-    starts = {crop.tobytes() for crop in crops}
-    assert len(starts) > 1  # jittered around the object, not one fixed window
+    windows = {crop.tobytes() for crop in crops}
+    assert len(windows) > 1  # jittered around the object, not one fixed window
     blank = np.full((3, 64, 64, 3), 200, np.uint8)  # no object: a window anywhere
     assert train_vqgan.object_crops(blank, 16, 4, np.random.default_rng(0)).shape == (3, 16, 16, 3)
     with pytest.raises(ValueError, match="multiple of the downsampling 4"):
@@ -517,7 +517,7 @@ def test_all_runs_every_stage_and_installs_three_loadable_models(tmp_path):
     assert (out / "clip" / "open_clip_model.safetensors").is_file()
 
 
-def test_a_failing_side_by_side_stage_stops_the_run_and_is_named(tmp_path, capsys):
+def test_a_failing_side_by_side_stage_stops_the_run_and_is_named(tmp_path):
     args = cli.build_parser().parse_args(["all", "--tiny", "--workdir", str(tmp_path)])
     cli.tiny_overrides(args)
     with pytest.raises(cli.StageFailed, match="dallebart"):  # nothing encoded to train on

@@ -81,25 +81,41 @@ def _forward(module: VQGANModule, images, use_quantizer):
     return module.decode(quantized, train=True), codes, codebook_loss, commitment_loss
 
 
-def foreground_weights(images: jax.Array, weight: float) -> jax.Array:
-    """(B, H, W, 1) pixel weights: 1 + weight where a pixel differs from the image's background,
-    read as the median colour of its border. Objects cover a few percent of a world image; without
-    this the decoder learns the backgrounds first and the shapes very late."""
-    border = jnp.concatenate(
+def foreground_mask(images, xp=jnp):
+    """(B, H, W) True where a pixel of images (B, H, W, 3) in [0, 1] differs from its image's
+    background, read as the median colour of its border; `xp` is jax.numpy (traced, in the
+    training step) or numpy (on the host, choosing crops)."""
+    border = xp.concatenate(
         [images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], axis=1
     )
-    background = jnp.median(border, axis=1)[:, None, None, :]  # (B, 1, 1, 3)
-    is_foreground = jnp.max(jnp.abs(images - background), axis=-1, keepdims=True) > 0.1
-    return 1.0 + weight * is_foreground
+    background = xp.median(border, axis=1)[:, None, None, :]  # (B, 1, 1, 3)
+    return xp.max(xp.abs(images - background), axis=-1) > 0.1
+
+
+def foreground_weights(images: jax.Array, weight: float) -> jax.Array:
+    """(B, H, W, 1) pixel weights: 1 + weight where `foreground_mask` holds. Objects cover a few
+    percent of a world image; without this the decoder learns the backgrounds first and the
+    shapes very late."""
+    return 1.0 + weight * foreground_mask(images)[..., None]
+
+
+def check_crop_size(crop_size: int, step: int, size: int) -> None:
+    """Refuses a crop size that is not a multiple of the downsampling `step` from `step` up to
+    the image `size`: its codes would not be the whole image's codes."""
+    if crop_size % step or not step <= crop_size <= size:
+        raise ValueError(
+            f"crop size {crop_size} must be a multiple of the downsampling {step}, at least "
+            f"{step} and at most the image size {size}"
+        )
 
 
 def object_crops(
     images: np.ndarray, crop_size: int, step: int, rng: np.random.Generator
 ) -> np.ndarray:
     """One crop_size × crop_size window (N, crop, crop, 3) of each uint8 image (N, S, S, 3),
-    centred near a random pixel of its objects (pixels far from the image's background, as in
-    `foreground_weights`; anywhere when it has none) and aligned to the code grid (`step`
-    pixels, the VQGAN's downsampling), so a crop's codes are the whole image's codes.
+    centred near a random pixel of its objects (`foreground_mask`; anywhere when it has none)
+    and aligned to the code grid (`step` pixels, the VQGAN's downsampling), so a crop's codes
+    are the whole image's codes.
 
     Why: objects cover a few percent of a world image, so a whole-image batch spends most of
     its pixels on flat background. The network is convolutional and reads crops as it reads
@@ -109,15 +125,8 @@ def object_crops(
     colour 89.3% -> 99.4%, MSE 0.0021 -> 0.0015. At the embedded run's 2,400 steps: kind 83.6%,
     colour 100%, MSE 0.00066 (the previous VQGAN, whole images: 46.9%, 96.9%, 0.0012)."""
     size = images.shape[1]
-    if crop_size % step or not step <= crop_size <= size:
-        raise ValueError(
-            f"crop size {crop_size} must be a multiple of the downsampling {step} and at most "
-            f"the image size {size}"
-        )
-    pixels = images.astype(np.float32) / 255.0
-    border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], 1)
-    background = np.median(border, axis=1)[:, None, None, :]  # (N, 1, 1, 3)
-    foreground = np.max(np.abs(pixels - background), axis=-1) > 0.1  # (N, S, S)
+    check_crop_size(crop_size, step, size)
+    foreground = foreground_mask(images.astype(np.float32) / 255.0, np)  # (N, S, S)
     crops = np.empty((len(images), crop_size, crop_size, 3), images.dtype)
     for index, mask in enumerate(foreground):
         rows, columns = np.nonzero(mask)
@@ -266,7 +275,7 @@ def train(images: np.ndarray, config: VQGANTrainConfig, workdir: str | Path) -> 
 
     downsampling = 2 ** (len(config.model.ch_mult) - 1)
     if config.crop_size is not None:  # checked before any training
-        object_crops(images[:1], config.crop_size, downsampling, np.random.default_rng(0))
+        check_crop_size(config.crop_size, downsampling, config.model.resolution)
 
     def batches(start):
         order = common.batch_order(len(images), config.batch_size, config.seed, start)
