@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="C",
         default=None,
         help=f"0-{limits.MAX_CONDITION_SCALE:g}; how strongly to follow the prompt "
-        "(super-conditioning; 1 = plain sampling; default: the model's, 1.5 for the embedded "
+        "(super-conditioning; 1 = plain sampling; default: the model's, 1.25 for the embedded "
         "model, 10 for the published ones)",
     )
     knobs.add_argument(

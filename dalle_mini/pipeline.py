@@ -166,7 +166,7 @@ class Pipeline:
             50 as the original, 8 for the embedded model), 0 turns it off.
           top_p: sample among the likeliest codes holding this probability; None is off.
           condition_scale: super-conditioning weight, >= 0; 1 is plain sampling; None is the
-            model's default (config.json `condition_scale`: 10 for the published models, 1.5 for
+            model's default (config.json `condition_scale`: 10 for the published models, 1.25 for
             the embedded one).
           rerank: keep CLIP's best (True) or the first `num_images` samples (False);
             None reranks when a CLIP is loaded.
