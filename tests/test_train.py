@@ -523,3 +523,17 @@ def test_a_failing_side_by_side_stage_stops_the_run_and_is_named(tmp_path):
     with pytest.raises(cli.StageFailed, match="dallebart"):  # nothing encoded to train on
         cli.run_concurrently(args, cli.CONCURRENT_STAGES)
     assert not (tmp_path / cli.TIMINGS_NAME).exists()  # no time recorded for a failed stage
+
+
+def test_a_stage_stopped_because_the_other_failed_is_not_called_failed(tmp_path):
+    # the world is there, so the CLIP (synthetic views) trains; nothing is encoded, so the
+    # DalleBart fails at once and the CLIP is stopped
+    argv = ["all", "--tiny", "--workdir", str(tmp_path), "--clip-views", "synthetic"]
+    args = cli.build_parser().parse_args(argv)
+    cli.tiny_overrides(args)
+    args.clip_steps = 100_000  # it must still be running when the DalleBart fails
+    cli.run_stage(args, "world")
+    with pytest.raises(cli.StageFailed) as failure:
+        cli.run_concurrently(args, cli.CONCURRENT_STAGES)
+    assert str(failure.value).startswith("stage dallebart failed")
+    assert "stopped clip beside it" in str(failure.value)

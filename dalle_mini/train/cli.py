@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -370,7 +371,7 @@ def run_concurrently(args, stages: tuple[str, ...]) -> None:
         process = context.Process(target=_stage_process, args=(args, stage, mine), name=stage)
         process.start()
         running[stage] = (process, time.time())
-    failed = []
+    failed, stopped = [], []
     while running:
         for stage, (process, started) in list(running.items()):
             process.join(timeout=1.0)
@@ -379,12 +380,15 @@ def run_concurrently(args, stages: tuple[str, ...]) -> None:
             del running[stage]
             if process.exitcode == 0:
                 _record_time(args, stage, time.time() - started)
+            elif failed and process.exitcode == -signal.SIGTERM:  # terminated below
+                stopped.append(stage)
             else:
                 failed.append(stage)
                 for other, _ in running.values():  # one failed: the run is over
                     other.terminate()
     if failed:
-        raise StageFailed(f"stage {', '.join(failed)} failed (its error is printed above)")
+        also = f"; stopped {', '.join(stopped)} beside it" if stopped else ""
+        raise StageFailed(f"stage {', '.join(failed)} failed (its error is printed above){also}")
 
 
 def run_all(args) -> None:

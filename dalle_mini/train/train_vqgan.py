@@ -273,16 +273,16 @@ def train(images: np.ndarray, config: VQGANTrainConfig, workdir: str | Path) -> 
     state = common.create_state(params, optimizer, extra=jnp.ones((config.model.n_embed,)))
     step = make_step(model.module, optimizer, config)
 
-    downsampling = 2 ** (len(config.model.ch_mult) - 1)
+    downsampling = config.model.downsample_factor
     if config.crop_size is not None:  # checked before any training
         check_crop_size(config.crop_size, downsampling, config.model.resolution)
 
     def batches(start):
         order = common.batch_order(len(images), config.batch_size, config.seed, start)
-        for step, indices in enumerate(order, start):
+        for step_index, indices in enumerate(order, start):
             batch = images[np.sort(indices)]
             if config.crop_size is not None:
-                rng = np.random.default_rng([config.seed, step])
+                rng = np.random.default_rng([config.seed, step_index])
                 batch = object_crops(batch, config.crop_size, downsampling, rng)
             yield {"images": jnp.asarray(batch)}
 
