@@ -4,7 +4,10 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import random
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -537,3 +540,33 @@ def test_a_stage_stopped_because_the_other_failed_is_not_called_failed(tmp_path)
         cli.run_concurrently(args, cli.CONCURRENT_STAGES)
     assert str(failure.value).startswith("stage dallebart failed")
     assert "stopped clip beside it" in str(failure.value)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and two cores (as CI has) to move threads between them",
+)
+def test_pin_threads_moves_every_thread_of_a_process_and_gives_the_cores_back():
+    # what run_concurrently does to a side-by-side stage: one core while the other stage runs,
+    # then all of them; a process with threads of its own stands in for a stage
+    starter = "import threading, time\n"
+    starter += "[threading.Thread(target=time.sleep, args=(60,)).start() for _ in range(3)]\n"
+    starter += "print('ready', flush=True)\ntime.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        every = set(os.sched_getaffinity(0))
+        one = {min(every)}
+
+        def affinities() -> list[set[int]]:
+            tids = os.listdir(f"/proc/{process.pid}/task")
+            return [os.sched_getaffinity(int(tid)) for tid in tids]
+
+        assert len(affinities()) == 4
+        cli.pin_threads(process.pid, one)
+        assert affinities() == [one] * 4
+        cli.pin_threads(process.pid, every)
+        assert affinities() == [every] * 4
+    finally:
+        process.kill()
+        process.wait()

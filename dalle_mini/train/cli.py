@@ -15,6 +15,7 @@ and moves it into place, so an interrupted run never leaves half-written assets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -350,18 +351,34 @@ class StageFailed(Exception):
 CONCURRENT_STAGES = ("dallebart", "clip")
 
 
+def pin_threads(pid: int, cpus: set[int]) -> None:
+    """Lets every thread of process `pid` run only on `cpus` (Linux: a thread's affinity is its
+    own, so the process's is set thread by thread). Threads started later take their starter's."""
+    for _ in range(2):  # again, for any thread started while the first pass ran
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # the thread has ended
+                os.sched_setaffinity(int(tid), cpus)
+
+
 def _stage_process(args, stage: str, cpus: set[int] | None) -> None:
     if cpus:
-        os.sched_setaffinity(0, cpus)
+        import jax
+
+        # The CPU backend makes one compute thread per core it may use when it starts: start it
+        # on every core, then keep it on its share, so that it can have them all back later.
+        jax.devices()
+        pin_threads(os.getpid(), cpus)
     RUNNERS[stage](args)
 
 
 def run_concurrently(args, stages: tuple[str, ...]) -> None:
     """Runs `stages` at once, each in its own process on its own share of the CPU cores, and
-    records each one's wall time. Why: on a 2-core CPU the DalleBart's training step gains
-    little from a second core, so training the CLIP beside it on that core saves most of the
-    CLIP stage's time (measured 7 Dec 2026 on a 2-core AMD EPYC: 1.74 s a DalleBart step on
-    one core beside the CLIP's, against 1.2-1.3 s alone on two)."""
+    records each one's wall time; when one finishes, those still running get every core. Why:
+    on a 2-core CPU a second core makes the DalleBart's training step only about 1.4× faster,
+    so training the CLIP beside it on that core saves most of the CLIP stage's time, and the
+    DalleBart has both cores again once the CLIP is done (measured 7 Dec 2026 on a 2-core AMD
+    EPYC: a DalleBart step takes 1.2-1.3 s alone on two cores; beside the CLIP on one, 1.74 s
+    with one compute thread and 1.83 s with the two it keeps so as to use both again later)."""
     cpus = sorted(os.sched_getaffinity(0))
     share = max(1, len(cpus) // len(stages))
     context = multiprocessing.get_context("spawn")  # a fresh JAX in each, not a forked one
@@ -380,6 +397,7 @@ def run_concurrently(args, stages: tuple[str, ...]) -> None:
             del running[stage]
             if process.exitcode == 0:
                 _record_time(args, stage, time.time() - started)
+                _widen(running, set(cpus), stage)
             elif failed and process.exitcode == -signal.SIGTERM:  # terminated below
                 stopped.append(stage)
             else:
@@ -391,11 +409,25 @@ def run_concurrently(args, stages: tuple[str, ...]) -> None:
         raise StageFailed(f"stage {', '.join(failed)} failed (its error is printed above){also}")
 
 
+def _widen(running: dict, cpus: set[int], done: str) -> None:
+    """Gives the stages still running every core, now that stage `done` needs none."""
+    for stage, (process, _) in running.items():
+        try:
+            pin_threads(process.pid, cpus)
+        except FileNotFoundError:  # it has just ended; the loop above will see how
+            continue
+        print(f"[{stage}] goes on on {len(cpus)} cores now that {done} is done", flush=True)
+
+
 def run_all(args) -> None:
     import jax
 
     # On an accelerator the stages take turns: each would claim most of its memory.
-    concurrent = jax.default_backend() == "cpu" and len(os.sched_getaffinity(0)) >= 2
+    concurrent = (
+        jax.default_backend() == "cpu"
+        and hasattr(os, "sched_setaffinity")  # Linux; elsewhere the stages take turns
+        and len(os.sched_getaffinity(0)) >= 2
+    )
     for stage in STAGES:
         if stage in CONCURRENT_STAGES and concurrent:
             if stage == CONCURRENT_STAGES[0]:
@@ -471,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on the encoded world's captions as written; by default a caption that "
         "leaves an object's grid cell unnamed is recaptioned to name it (world data only)",
     )
-    group.add_argument("--dallebart-steps", type=int, default=2000)
+    group.add_argument("--dallebart-steps", type=int, default=3000)
     group.add_argument("--dallebart-batch", type=int, default=32)
     group.add_argument("--dallebart-lr", type=float, default=2e-3)
     group.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
