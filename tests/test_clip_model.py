@@ -208,6 +208,19 @@ def test_fresh_clip_trains_and_saves(tmp_path):
     )
 
 
+def test_contrastive_loss_takes_wrong_images_that_each_caption_must_score_below_its_own():
+    texts = jnp.eye(3)[:2]  # two captions
+    own = jnp.eye(3)[:2]  # their images
+    plain = contrastive_loss(own, texts, 10.0)
+    unlike = contrastive_loss(jnp.concatenate([own, jnp.eye(3)[2:]]), texts, 10.0, count=2)
+    alike = contrastive_loss(jnp.concatenate([own, texts[:1]]), texts, 10.0, count=2)
+    # a wrong image unlike every caption costs little; one as alike as the caption's own, a lot
+    assert plain < unlike < plain + 0.01 < alike
+    # extra captions and extra images together: both sides' rows beyond count are wrong ones
+    both = contrastive_loss(jnp.concatenate([own, texts[:1]]), jnp.eye(3), 10.0, count=2)
+    assert both > alike
+
+
 def test_bfloat16_scores_stay_close(ref):
     scorer = CLIPScorer.from_pretrained(FIXTURE, dtype=jnp.bfloat16)
     assert scorer.params["visual"]["proj"].dtype == jnp.bfloat16

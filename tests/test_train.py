@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -358,6 +359,34 @@ def test_hard_negatives_change_one_stated_thing_and_avoid_held_out_pairs():
     )
 
 
+def test_miscounted_drawings_hold_one_object_too_many_or_too_few_and_the_checker_sees_it():
+    from dalle_mini.train import scene_check
+
+    scenes = [world.example(0, "train", i)[2] for i in range(120)]
+    rng = random.Random(0)
+    changes = collections.Counter()
+    for scene in scenes:
+        placed = train_clip.miscounted(scene, rng)
+        assert abs(len(placed) - len(scene.objects)) == 1
+        drawn = list(zip(scene.objects, scene.layout, strict=True))
+        assert all(pair in drawn for pair in placed[: len(drawn)])  # the scene's own, kept
+        cells = [world.position_at(x, y) for _, (x, y) in placed]
+        assert len(set(cells)) == len(cells)  # every object in its own cell
+        assert all((obj.color, obj.kind) not in world.HELD_OUT_PAIRS for obj, _ in placed)
+        assert all(obj.color != scene.background for obj, _ in placed)
+        drawing = world.draw_objects(scene.background, placed)
+        assert len(scene_check.read_image(drawing).objects) == len(placed)
+        if len(placed) < len(scene.objects):
+            changes["removed"] += 1
+        else:
+            changes["copied" if placed[-1][0] in scene.objects else "new"] += 1
+    assert set(changes) == {"removed", "copied", "new"} and min(changes.values()) >= 10
+    images = train_clip.miscounted_images(scenes[:3], seed=0, size=32)
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    with pytest.raises(ValueError, match="layout"):
+        train_clip.miscounted(scenes[0].request(), rng)
+
+
 def test_clip_trainer_loss_falls_and_saves_open_clip_format(tmp_path):
     from dalle_mini.scoring import CLIPScorer
 
@@ -376,12 +405,18 @@ def test_clip_trainer_loss_falls_and_saves_open_clip_format(tmp_path):
         optimizer=common.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
         num_steps=20,
         batch_size=16,
+        miscount_fraction=0.5,
         log_every=5,
         checkpoint_every=20,
     )
-    scorer, _ = train_clip.train(images, captions, config, tmp_path, scenes)  # hard negatives on
+    # hard negatives on: wrong captions, and half of each batch's images drawn miscounted
+    scorer, _ = train_clip.train(images, captions, config, tmp_path, scenes)
     losses = _losses(tmp_path)
     assert losses[-1] < 0.8 * losses[0]
+    metrics = [
+        json.loads(line) for line in (tmp_path / common.METRICS_NAME).read_text().splitlines()
+    ]
+    assert all(0 <= m["count_accuracy"] <= 1 for m in metrics)
     scorer.save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
         "open_clip_config.json",
@@ -443,7 +478,13 @@ def test_encode_stage_writes_the_original_parquet_format(tmp_path, capsys):
     # the clip stage shows its images as the VQGAN that made these codes decodes them
     argv = ["clip", "--workdir", str(tmp_path), "--vqgan", str(tmp_path / "vqgan"), "--tiny"]
     argv += ["--image-size", "32", "--clip-steps", "2", "--clip-batch", "4"]
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--clip-miscount", "1.5"]) == 2
+    assert "miscount fraction 1.5: must be in [0, 1]" in capsys.readouterr().err
+    assert cli.main([*argv, "--clip-miscount", "0.5"]) == 0
+    # and so are the miscounted drawings, which have no codes of their own
+    assert re.search(
+        r"encoding and decoding \d+ wrong drawings with the VQGAN", capsys.readouterr().out
+    )
     assert (tmp_path / "clip" / "model" / "open_clip_model.safetensors").is_file()
 
 

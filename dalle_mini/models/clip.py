@@ -346,16 +346,19 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def contrastive_loss(image_features, text_features, logit_scale) -> jax.Array:
-    """CLIP's symmetric cross-entropy over a batch of B matching (image, text) pairs.
+def contrastive_loss(image_features, text_features, logit_scale, count=None) -> jax.Array:
+    """CLIP's symmetric cross-entropy over a batch of `count` matching (image, text) pairs
+    (default: as many as there are images).
 
-    `text_features` may hold more rows than images: rows B.. are extra wrong captions (hard
-    negatives) that each image must score below its own; they are not texts to be matched.
+    Either side may hold more rows than `count`: text rows from `count` on are extra wrong
+    captions (hard negatives) that each image must score below its own, image rows from
+    `count` on extra wrong images that each caption must score below its own; they are not
+    matched themselves.
     """
-    count = image_features.shape[0]
-    logits = logit_scale * image_features @ text_features.T  # (B, T), T >= B
+    count = image_features.shape[0] if count is None else count
+    logits = logit_scale * image_features @ text_features.T  # (I, T), I and T >= count
     labels = jnp.arange(count)
-    image_loss = -jnp.mean(jax.nn.log_softmax(logits, axis=1)[labels, labels])
+    image_loss = -jnp.mean(jax.nn.log_softmax(logits[:count], axis=1)[labels, labels])
     text_loss = -jnp.mean(jax.nn.log_softmax(logits[:, :count], axis=0)[labels, labels])
     return (image_loss + text_loss) / 2
 

@@ -208,22 +208,26 @@ def stage_clip(args) -> dict:
         ),
         num_steps=args.clip_steps,
         batch_size=args.clip_batch,
+        miscount_fraction=args.clip_miscount,
         grid_positions=args.position_init == "grid",
         seed=args.seed,
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
     )
-    reconstruct = _reconstructor(args, captions) if args.clip_views == "vqgan" else None
+    reconstruct = redraw = None
+    if args.clip_views == "vqgan":
+        reconstruct, redraw = _reconstructor(args, captions)
     scorer, _ = train_clip.train(
-        images, captions, config, Path(args.workdir) / "clip", scenes, reconstruct
+        images, captions, config, Path(args.workdir) / "clip", scenes, reconstruct, redraw
     )
     scorer.save_pretrained(_model_dir(args, "clip"))
     return {}
 
 
 def _reconstructor(args, captions: list[str]):
-    """indices -> the workdir's VQGAN decoding of those training images' codes (encode stage):
-    the images as the generator will draw them."""
+    """Two ways to show images as the generator will draw them, with the workdir's VQGAN:
+    indices -> its decoding of those training images' codes (encode stage), and uint8 images
+    -> its decoding of their nearest codes (for drawings that have none)."""
     path, vqgan = Path(args.workdir) / "encoded" / "train.parquet", _vqgan_folder(args)
     if not path.is_file() or not vqgan.is_dir():
         raise FileNotFoundError(
@@ -240,7 +244,13 @@ def _reconstructor(args, captions: list[str]):
         print(f"[clip] decoding {len(indices)} of the training images with the VQGAN")
         return train_vqgan.decode_codes(model, params, codes[indices])
 
-    return reconstruct
+    def redraw(images: np.ndarray) -> np.ndarray:
+        print(f"[clip] encoding and decoding {len(images)} wrong drawings with the VQGAN")
+        return train_vqgan.decode_codes(
+            model, params, train_vqgan.encode_images(model, params, images)
+        )
+
+    return reconstruct, redraw
 
 
 def stage_evaluate(args) -> dict:
@@ -525,6 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="vqgan",
         help="half the training images as the workdir's VQGAN decodes their codes, or "
         "softened by blur, noise and banding (needs no VQGAN)",
+    )
+    group.add_argument(
+        "--clip-miscount",
+        type=float,
+        default=0.0,
+        help="share of each batch's images also drawn with an object too many or too few, "
+        "which their caption must score lower (world data only; 0, the default, turns it off)",
     )
     group.add_argument("--clip-lr", type=float, default=1e-3)
     group = parser.add_argument_group("evaluate")

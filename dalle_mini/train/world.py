@@ -284,12 +284,18 @@ def check_image_size(size: int) -> None:
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """Draws the scene as a size×size RGB image (at 4× size, then box-downsampled)."""
     validate_scene(scene)
-    check_image_size(size)
     layout = scene.layout if scene.layout is not None else place(scene)
+    return draw_objects(scene.background, zip(scene.objects, layout, strict=True), size)
+
+
+def draw_objects(background: str, placed, size: int = 64) -> Image.Image:
+    """Draws (object, (x, y) centre) pairs on a `background` of size×size, as `render` does,
+    with no check of how many there are or where (wrong drawings for training a scorer)."""
+    check_image_size(size)
     canvas_size = size * SUPERSAMPLE
-    image = Image.new("RGB", (canvas_size, canvas_size), COLORS[scene.background])
+    image = Image.new("RGB", (canvas_size, canvas_size), COLORS[background])
     draw = ImageDraw.Draw(image)
-    for obj, (x, y) in zip(scene.objects, layout, strict=True):
+    for obj, (x, y) in placed:
         radius = SIZE_RADIUS[obj.size] * canvas_size
         draw_shape(draw, obj.kind, (x * canvas_size, y * canvas_size), radius, COLORS[obj.color])
     return image.reduce(SUPERSAMPLE)
@@ -302,7 +308,7 @@ def _check_split(split: str) -> None:
     _check_choice(split, SPLITS, "split")
 
 
-def _sample_object(rng: random.Random, background: str, held_out: bool | None) -> SceneObject:
+def sample_object(rng: random.Random, background: str, held_out: bool | None) -> SceneObject:
     """held_out: True draws a HELD_OUT_PAIRS pair, False avoids them, None allows anything."""
     if held_out:
         color, kind = rng.choice(sorted(pair for pair in HELD_OUT_PAIRS if pair[0] != background))
@@ -321,9 +327,9 @@ def _sample_pair(rng: random.Random, background: str, split: str) -> Scene:
 
     def draw(index: int) -> SceneObject:
         if split != "heldout":
-            return _sample_object(rng, background, held_out=False)
+            return sample_object(rng, background, held_out=False)
         # The other object of a held-out scene may be anything.
-        return _sample_object(rng, background, held_out=True if index == held_index else None)
+        return sample_object(rng, background, held_out=True if index == held_index else None)
 
     first, second = draw(0), draw(1)
     if mode == "two":
@@ -345,7 +351,7 @@ def sample_scene(rng: random.Random, split: str = "train") -> Scene:
     _check_split(split)
     background = "white" if rng.random() < 0.3 else rng.choice(list(COLORS))
     if rng.random() < 0.6:
-        obj = _sample_object(rng, background, held_out=split == "heldout")
+        obj = sample_object(rng, background, held_out=split == "heldout")
         if rng.random() < 0.7:
             obj = dataclasses.replace(obj, position=rng.choice(POSITIONS))
         scene = Scene((obj,), background)
