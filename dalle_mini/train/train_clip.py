@@ -317,6 +317,8 @@ def train(
         )
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if not 0 <= config.miscount_fraction <= 1:
+        raise ValueError(f"miscount fraction {config.miscount_fraction:g}: must be in [0, 1]")
     pixels = pixels_for_clip(soften(images, config.degrade_fraction, config.seed, reconstruct))
     tokenizer = CLIPTokenizer(context_length=config.model.text.context_length)
     tokens = tokenizer(captions).astype(np.int32)
@@ -327,8 +329,6 @@ def train(
         wrong = hard_negative_captions(scenes, config.hard_negatives, config.seed)
         negatives = tokenizer([text for texts in wrong for text in texts]).astype(np.int32)
         negatives = negatives.reshape(len(captions), config.hard_negatives, -1)  # (N, K, T)
-    if not 0 <= config.miscount_fraction <= 1:
-        raise ValueError(f"miscount fraction {config.miscount_fraction:g}: must be in [0, 1]")
     wrong_pixels, wrong_count = None, round(config.miscount_fraction * config.batch_size)
     if scenes is not None and wrong_count:
         drawn = miscounted_images(scenes, config.seed, size)
