@@ -218,8 +218,7 @@ def miscounted(scene: world.Scene, rng: random.Random) -> list[tuple[world.Scene
         obj = rng.choice(placed)[0]
     else:
         obj = world.sample_object(rng, scene.background, held_out=False)
-    centre = (world.lattice_choice(c, obj.size, rng) for c in world.cell_center(cell))
-    return [*placed, (obj, tuple(centre))]
+    return [*placed, (obj, world.centre_in(cell, obj.size, rng))]
 
 
 def miscounted_images(scenes, seed: int, size: int) -> np.ndarray:

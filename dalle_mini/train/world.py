@@ -198,11 +198,17 @@ def place(scene: Scene, rng: random.Random | None = None) -> tuple[tuple[float, 
             f"no layout satisfies {scene}: two objects share a cell or contradict the relation"
         )
     cells = rng.choice(options) if rng is not None else min(options, key=_centrality)
-    centres = []
-    for obj, cell in zip(scene.objects, cells, strict=True):
-        x, y = (lattice_choice(c, obj.size, rng) for c in cell_center(POSITIONS[cell]))
-        centres.append((round(x, 6), round(y, 6)))  # lattice points are exact in binary
-    return tuple(centres)
+    return tuple(
+        centre_in(POSITIONS[cell], obj.size, rng)
+        for obj, cell in zip(scene.objects, cells, strict=True)
+    )
+
+
+def centre_in(position: str, size: str, rng: random.Random | None) -> tuple[float, float]:
+    """Where an object of `size` stands in the cell named `position`: a random LATTICE point
+    within the cell's slack with `rng`, else the one nearest the cell's centre."""
+    x, y = (lattice_choice(c, size, rng) for c in cell_center(position))
+    return round(x, 6), round(y, 6)  # lattice points are exact in binary
 
 
 def lattice_points(center: float, size: str) -> list[float]:
