@@ -24,9 +24,13 @@ from dalle_mini.train import cli, common, train_clip, train_dallebart, train_vqg
 from dalle_mini.train.data import TextBatcher, read_encoded, write_encoded
 
 
-def _losses(workdir):
+def _metrics(workdir):
     lines = (workdir / common.METRICS_NAME).read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    return [json.loads(line) for line in lines]
+
+
+def _losses(workdir):
+    return [metrics["loss"] for metrics in _metrics(workdir)]
 
 
 def _world_images(count, size=32, split="train"):
@@ -413,10 +417,7 @@ def test_clip_trainer_loss_falls_and_saves_open_clip_format(tmp_path):
     scorer, _ = train_clip.train(images, captions, config, tmp_path, scenes)
     losses = _losses(tmp_path)
     assert losses[-1] < 0.8 * losses[0]
-    metrics = [
-        json.loads(line) for line in (tmp_path / common.METRICS_NAME).read_text().splitlines()
-    ]
-    assert all(0 <= m["count_accuracy"] <= 1 for m in metrics)
+    assert all(0 <= m["count_accuracy"] <= 1 for m in _metrics(tmp_path))
     scorer.save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
         "open_clip_config.json",
