@@ -132,6 +132,39 @@ def test_parquet_round_trip_and_caption_blanking(tmp_path):
         read_encoded(tmp_path / "bad.parquet")
 
 
+def test_alternate_captions_are_served_at_their_rate_and_blanking_still_applies():
+    captions = [f"a red circle number {i}" for i in range(200)]
+    alternates = [f"a red shape number {i}" for i in range(200)]
+    processor, codes = _processor(captions + alternates), np.repeat(np.arange(200)[:, None], 4, 1)
+    plain = TextBatcher(processor, captions, codes, blank_rate=0.1)
+    ids = {row.tobytes(): i for i, row in enumerate(plain.input_ids)}
+    alternate_ids = {row.tobytes(): i for i, row in enumerate(processor(alternates)["input_ids"])}
+    for rate in (0.0, 0.3, 1.0):
+        batcher = TextBatcher(processor, captions, codes, 0.1, alternates, alternate_rate=rate)
+        served = {"caption": 0, "alternate": 0, "blank": 0}
+        for batch, before in zip(batcher.batches(100, 0), plain.batches(100, 0), strict=False):
+            assert np.array_equal(batch["codes"], before["codes"])
+            for row, code_row in zip(batch["input_ids"], batch["codes"], strict=True):
+                index = int(code_row[0])  # image i's codes are all i
+                if np.array_equal(row, batcher.uncond_ids[0]):
+                    served["blank"] += 1
+                elif row.tobytes() in alternate_ids:
+                    assert alternate_ids[row.tobytes()] == index  # its own image's alternate
+                    served["alternate"] += 1
+                else:
+                    assert ids[row.tobytes()] == index
+                    served["caption"] += 1
+            if sum(served.values()) >= 2000:
+                break
+        share = served["alternate"] / (served["alternate"] + served["caption"])
+        assert abs(share - rate) < 0.05, (rate, served)
+        assert 0.07 < served["blank"] / 2000 < 0.13
+    with pytest.raises(ValueError, match="one alternate caption per caption: 3 for 200"):
+        TextBatcher(processor, captions, codes, 0.1, alternates[:3], 0.3)
+    with pytest.raises(ValueError, match="needs alternate captions"):
+        TextBatcher(processor, captions, codes, 0.1, None, 0.3)
+
+
 # --- the trainers -----------------------------------------------------------------------------
 
 
@@ -492,8 +525,10 @@ def test_encode_stage_writes_the_original_parquet_format(tmp_path, capsys):
 def test_dallebart_stage_trains_on_captions_naming_every_drawn_cell(tmp_path):
     world.write_dataset(tmp_path / "world", 60, 1, 1, size=32)
     _, captions, scenes = world.load_split(tmp_path / "world", "train")
-    args = argparse.Namespace(workdir=str(tmp_path), seed=0)
-    renamed = cli._captions_naming_cells(args, captions)
+    args = argparse.Namespace(
+        workdir=str(tmp_path), seed=0, cell_captions=True, partial_captions=0.3, data=None
+    )
+    renamed, partial = cli._world_training_captions(args, captions)
     changed = [i for i, (old, new) in enumerate(zip(captions, renamed, strict=True)) if old != new]
     assert len(changed) > 5
     for index, (text, scene) in enumerate(zip(renamed, scenes, strict=True)):
@@ -504,8 +539,32 @@ def test_dallebart_stage_trains_on_captions_naming_every_drawn_cell(tmp_path):
             ]
         else:
             assert request == scene.request()  # already naming its cells, or a relation
+    # the world's partial captions name the drawn cells too, and only those
+    assert len(partial) == len(captions)
+
+    def named_cells(text):
+        words = [
+            [world._SYNONYMS.get(w, w) for w in part.split()]
+            for part in text.replace(",", "").split(" and ")
+        ]
+        return [world._position_in(part) for part in words]
+
+    for index in changed:
+        drawn = [world.position_at(*center) for center in scenes[index].layout]
+        assert named_cells(partial[index]) == drawn, partial[index]
+    args.cell_captions, args.partial_captions = False, 0.0
+    assert cli._world_training_captions(args, captions) == (captions, None)
     with pytest.raises(ValueError, match="--no-cell-captions"):
-        cli._captions_naming_cells(args, captions[::-1])
+        cli._world_training_captions(args, captions[::-1])
+
+
+def test_partial_captions_need_the_world(tmp_path, capsys):
+    write_encoded(tmp_path / "own.parquet", ["a cat"] * 4, np.zeros((4, 16), np.int64))
+    argv = ["dallebart", "--workdir", str(tmp_path), "--data", str(tmp_path / "own.parquet")]
+    assert cli.main([*argv, "--partial-captions", "0.3"]) == 2
+    assert "--partial-captions needs the world's scenes" in capsys.readouterr().err
+    assert cli.main([*argv, "--partial-captions", "2"]) == 2
+    assert "--partial-captions 2: must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_cli_names_the_missing_input(tmp_path, capsys):

@@ -365,3 +365,32 @@ def test_render_and_sampler_reject_bad_input():
         world.sample_scene(random.Random(0), "test")
     with pytest.raises(ValueError, match="relation"):
         world.render(dataclasses.replace(world.parse_caption("a red circle"), relation="above"))
+
+
+def test_partial_captions_leave_each_object_one_trait_unsaid():
+    unsaid = {"color": 0, "kind": 0}
+    for scene, _ in sampled("train", 400):
+        # leaving nothing unsaid is the caption itself, drawn from the same randomness
+        full = world.caption(scene, random.Random(1), unsaid=(None,) * len(scene.objects))
+        assert full == world.caption(scene, random.Random(1))
+        if len(scene.objects) != 1:
+            continue
+        text = world.partial_caption(scene, random.Random(len(unsaid) + sum(unsaid.values())))
+        words = set(text.replace(",", "").split())
+        (obj,) = scene.objects
+        names_color = bool(words & {obj.color, "grey" if obj.color == "gray" else obj.color})
+        names_kind = obj.kind in words
+        assert names_color != names_kind, text  # one of the two, never both or neither
+        if not names_kind:
+            assert "shape" in words and not words & set(world.KINDS), text
+        unsaid["kind" if names_color else "color"] += 1
+        if scene.background != "white":
+            assert f"{scene.background} background" in text.replace("grey", "gray"), text
+    assert min(unsaid.values()) > 0.35 * sum(unsaid.values())
+    repeated = Scene((SceneObject("red", "heart"),) * 2, "blue")
+    texts = {world.partial_caption(repeated, random.Random(seed)) for seed in range(40)}
+    # still one phrase for both, leaving the same trait unsaid
+    assert all(("two hearts" in t) != ("two red shapes" in t) for t in texts), texts
+    assert any("two hearts" in t for t in texts) and any("two red shapes" in t for t in texts)
+    with pytest.raises(ValueError, match="for each of the scene's 2 objects"):
+        world.caption(repeated, random.Random(0), unsaid=("color",))

@@ -82,6 +82,8 @@ class TextBatcher:
       processor: the model's processor (normalizer + tokenizer + max_text_length).
       captions, encodings: the dataset; encodings (N, image_length).
       blank_rate: fraction of captions replaced by the empty (unconditional) prompt.
+      alternates, alternate_rate: other captions of the same images (one per image), each
+        served in place of its image's caption at `alternate_rate`.
     """
 
     def __init__(
@@ -90,13 +92,29 @@ class TextBatcher:
         captions: Sequence[str],
         encodings: np.ndarray,
         blank_rate: float = 0.1,
+        alternates: Sequence[str] | None = None,
+        alternate_rate: float = 0.0,
     ):
         if not 0.0 <= blank_rate < 1.0:
             raise ValueError(f"blank_rate must be in [0, 1), got {blank_rate}")
+        if not 0.0 <= alternate_rate <= 1.0 or (alternate_rate and alternates is None):
+            raise ValueError(
+                f"alternate_rate must be in [0, 1] and needs alternate captions, got "
+                f"{alternate_rate} with {'no' if alternates is None else len(alternates)} "
+                "alternates"
+            )
+        if alternates is not None and len(alternates) != len(captions):
+            raise ValueError(
+                f"need one alternate caption per caption: {len(alternates)} for {len(captions)}"
+            )
         tokens = processor(list(captions))
         self.input_ids, self.attention_mask = tokens["input_ids"], tokens["attention_mask"]
         self.uncond_ids = tokens["input_ids_uncond"][:1]  # (1, T)
         self.uncond_mask = tokens["attention_mask_uncond"][:1]
+        self.alternate_rate = alternate_rate
+        if alternate_rate:
+            tokens = processor(list(alternates))
+            self.alternate_ids, self.alternate_mask = tokens["input_ids"], tokens["attention_mask"]
         self.encodings = np.asarray(encodings, np.int32)
         self.blank_rate = blank_rate
 
@@ -111,10 +129,14 @@ class TextBatcher:
             batch_order(len(self), batch_size, seed, start_step), start_step
         ):
             blank = np.random.default_rng([seed, step, 1]).random(batch_size) < self.blank_rate
+            input_ids, attention_mask = self.input_ids[indices], self.attention_mask[indices]
+            if self.alternate_rate:
+                draw = np.random.default_rng([seed, step, 2]).random(batch_size)
+                alternate = (draw < self.alternate_rate)[:, None]
+                input_ids = np.where(alternate, self.alternate_ids[indices], input_ids)
+                attention_mask = np.where(alternate, self.alternate_mask[indices], attention_mask)
             yield {
-                "input_ids": np.where(blank[:, None], self.uncond_ids, self.input_ids[indices]),
-                "attention_mask": np.where(
-                    blank[:, None], self.uncond_mask, self.attention_mask[indices]
-                ),
+                "input_ids": np.where(blank[:, None], self.uncond_ids, input_ids),
+                "attention_mask": np.where(blank[:, None], self.uncond_mask, attention_mask),
                 "codes": self.encodings[indices],
             }

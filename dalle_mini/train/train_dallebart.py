@@ -77,6 +77,9 @@ class DalleBartTrainConfig:
     num_steps: int = 1000  # micro-batch steps
     batch_size: int = 32  # per micro-batch
     blank_rate: float = 0.1  # fraction of captions replaced by the empty prompt
+    # fraction of captions replaced by the alternate caption of their image, when `train` is
+    # given alternates (the world's partial captions, `world.partial_caption`)
+    alternate_rate: float = 0.0
     use_bfloat16: bool = False  # compute dtype; parameters and optimizer state stay float32
     vocab_size: int = 768  # tokenizer size when a new one is trained
     max_text_length: int = 32
@@ -163,11 +166,14 @@ def train(
     processor: DalleBartProcessor | None = None,
     model_config: bart.DalleBartConfig | None = None,
     init_params: Any = None,
+    alternates: list[str] | None = None,
 ) -> tuple[DalleBart, Any, DalleBartProcessor]:
     """Trains a DalleBart (the embedded size unless `model_config`) on captions and codes.
 
     A processor is trained from the captions unless given; fine-tuning passes the model's own
     processor, config and weights (`init_params`).
+    `alternates`: another caption of each image, served in place of its caption at
+    `config.alternate_rate`.
     Resumes from `workdir` when it holds a checkpoint of the same run.
     """
     workdir = Path(workdir)
@@ -185,7 +191,9 @@ def train(
             f"image_length {model_config.image_length} and {model_config.num_codes} codes"
         )
     processor.save_pretrained(workdir / "processor")
-    data = TextBatcher(processor, captions, encodings, config.blank_rate)
+    data = TextBatcher(
+        processor, captions, encodings, config.blank_rate, alternates, config.alternate_rate
+    )
     total_updates = max(config.num_steps // config.optimizer.accumulation_steps, 1)
     optimizer = common.make_optimizer(config.optimizer, total_updates)
     params = init_params if init_params is not None else new_params(model_config, config)

@@ -19,6 +19,7 @@ import itertools
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,10 +412,16 @@ def _color_word(color: str, rng: random.Random) -> str:
     return rng.choice(_COLOR_WORDS.get(color, (color,)))
 
 
-def _noun_phrase(obj: SceneObject, rng: random.Random, plural: bool = False) -> str:
+def _noun_phrase(
+    obj: SceneObject, rng: random.Random, plural: bool = False, unsaid: str | None = None
+) -> str:
+    """`unsaid`: "color" leaves the colour out, "kind" says "shape" for the kind."""
+    if unsaid == "kind":
+        words = [rng.choice(_SIZE_WORDS[obj.size]), _color_word(obj.color, rng), "shape"]
+        return " ".join(word for word in words if word) + "s" * plural
     words = [
         rng.choice(_SIZE_WORDS[obj.size]),
-        _color_word(obj.color, rng),
+        "" if unsaid == "color" else _color_word(obj.color, rng),
         obj.kind + "s" * plural,
     ]
     if rng.random() < 0.1:
@@ -436,29 +443,37 @@ def _position_phrase(position: str | None, rng: random.Random) -> str:
     return " " + rng.choice(_CORNER_PHRASES).format(v=vertical, h=horizontal, w=upper)
 
 
-def _objects_phrase(scene: Scene, rng: random.Random) -> str:
+def _objects_phrase(scene: Scene, rng: random.Random, unsaid: Sequence[str | None]) -> str:
     first = scene.objects[0]
     if scene.is_repeated and scene.relation is None and first.position is None:
-        return "two " + _noun_phrase(first, rng, plural=True)
+        return "two " + _noun_phrase(first, rng, plural=True, unsaid=unsaid[0])
     phrases = [
         rng.choices(_ARTICLES, weights=(8, 1, 1))[0]
-        + _noun_phrase(obj, rng)
+        + _noun_phrase(obj, rng, unsaid=trait)
         + _position_phrase(obj.position, rng)
-        for obj in scene.objects
+        for obj, trait in zip(scene.objects, unsaid, strict=True)
     ]
     if scene.relation is not None:
         return f"{phrases[0]} {rng.choice(_RELATION_PHRASES[scene.relation])} {phrases[1]}"
     return " and ".join(phrases)
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
+def caption(scene: Scene, rng: random.Random, unsaid: Sequence[str | None] | None = None) -> str:
     """A caption for the scene's request, its wording drawn from `rng`.
 
     Everything the request holds is stated: colours, kinds, small/big sizes (medium goes
-    unnamed), named positions, the relation and a non-white background.
+    unnamed), named positions, the relation and a non-white background; except, with
+    `unsaid` (one entry per object: None, "color" or "kind"), the traits it names, as in
+    "a purple shape" or "a star" (`partial_caption`).
     """
     validate_scene(scene)
-    body = _objects_phrase(scene, rng)
+    unsaid = unsaid or (None,) * len(scene.objects)
+    if len(unsaid) != len(scene.objects) or not set(unsaid) <= {None, "color", "kind"}:
+        raise ValueError(
+            f"unsaid {unsaid!r}: need one of None, 'color', 'kind' for each of the scene's "
+            f"{len(scene.objects)} objects"
+        )
+    body = _objects_phrase(scene, rng, unsaid)
     if scene.background == "white" and rng.random() < 0.7:
         text = rng.choice(_PREFIXES) + body
     elif rng.random() < 0.25:
@@ -468,6 +483,20 @@ def caption(scene: Scene, rng: random.Random) -> str:
         background = rng.choice(_BACKGROUND_PHRASES).format(_color_word(scene.background, rng))
         text = rng.choice(_PREFIXES) + body + separator + background
     return re.sub(r"\ba(?= [aeiou])", "an", text)
+
+
+def partial_caption(scene: Scene, rng: random.Random) -> str:
+    """A caption of `scene` that leaves one trait of each object unsaid, its colour or its kind
+    with even odds ("a purple shape", "a star"; both objects of "two red circles" alike).
+
+    Trained on beside the full captions, they teach what a colour word draws whatever the
+    shape, and what a kind word draws whatever the colour: the two pieces a caption naming a
+    colour–shape pair never seen together has to be drawn from.
+    """
+    traits = [rng.choice(("color", "kind")) for _ in scene.objects]
+    if scene.is_repeated:
+        traits[1] = traits[0]
+    return caption(scene, rng, traits)
 
 
 def with_cells_named(scene: Scene) -> Scene:
