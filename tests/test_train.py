@@ -525,10 +525,8 @@ def test_encode_stage_writes_the_original_parquet_format(tmp_path, capsys):
 def test_dallebart_stage_trains_on_captions_naming_every_drawn_cell(tmp_path):
     world.write_dataset(tmp_path / "world", 60, 1, 1, size=32)
     _, captions, scenes = world.load_split(tmp_path / "world", "train")
-    args = argparse.Namespace(
-        workdir=str(tmp_path), seed=0, cell_captions=True, partial_captions=0.3, data=None
-    )
-    renamed, partial = cli._world_training_captions(args, captions)
+    args = argparse.Namespace(workdir=str(tmp_path), seed=0, cell_captions=True)
+    renamed, partial = cli._world_training_captions(args, captions, 0.3)
     changed = [i for i, (old, new) in enumerate(zip(captions, renamed, strict=True)) if old != new]
     assert len(changed) > 5
     for index, (text, scene) in enumerate(zip(renamed, scenes, strict=True)):
@@ -552,10 +550,10 @@ def test_dallebart_stage_trains_on_captions_naming_every_drawn_cell(tmp_path):
     for index in changed:
         drawn = [world.position_at(*center) for center in scenes[index].layout]
         assert named_cells(partial[index]) == drawn, partial[index]
-    args.cell_captions, args.partial_captions = False, 0.0
-    assert cli._world_training_captions(args, captions) == (captions, None)
+    args.cell_captions = False
+    assert cli._world_training_captions(args, captions, 0.0) == (captions, None)
     with pytest.raises(ValueError, match="--no-cell-captions"):
-        cli._world_training_captions(args, captions[::-1])
+        cli._world_training_captions(args, captions[::-1], 0.0)
 
 
 def test_partial_captions_need_the_world(tmp_path, capsys):

@@ -124,9 +124,11 @@ def stage_encode(args) -> dict:
     return {}
 
 
-def _world_training_captions(args, captions: list[str]) -> tuple[list[str], list[str] | None]:
+def _world_training_captions(
+    args, captions: list[str], partial_rate: float
+) -> tuple[list[str], list[str] | None]:
     """The encoded world's training captions as the DalleBart trains on them, and their
-    partial captions (None when `--partial-captions` is 0).
+    partial captions (None when `partial_rate`, `--partial-captions`, is 0).
 
     With `--cell-captions`, each caption that leaves an object's cell unnamed is recaptioned to
     name every cell (`world.with_cells_named`); same images and codes. The place of an object
@@ -143,19 +145,19 @@ def _world_training_captions(args, captions: list[str]) -> tuple[list[str], list
     )
     if args.cell_captions:
         rng, captions, changed = random.Random(args.seed), list(captions), 0
-        for index, scene in enumerate(scenes):
-            named = world.with_cells_named(scene)
-            if named != scene:
-                captions[index] = world.caption(named, rng)
+        named = [world.with_cells_named(scene) for scene in scenes]
+        for index, (scene, renamed) in enumerate(zip(scenes, named, strict=True)):
+            if renamed != scene:
+                captions[index] = world.caption(renamed, rng)
                 changed += 1
         print(f"[dallebart] {changed} of {len(captions)} training captions now name every cell")
-        scenes = [world.with_cells_named(scene) for scene in scenes]
+        scenes = named
     partial = None
-    if _partial_rate(args):
+    if partial_rate:
         rng = random.Random(f"partial captions {args.seed}")
         partial = [world.partial_caption(scene, rng) for scene in scenes]
         print(
-            f"[dallebart] {_partial_rate(args):.0%} of the captions served are partial, "
+            f"[dallebart] {partial_rate:.0%} of the captions served are partial, "
             f"e.g. {partial[0]!r} for {captions[0]!r}"
         )
     return captions, partial
@@ -191,7 +193,7 @@ def stage_dallebart(args) -> dict:
     captions, codes = read_encoded(data)
     partial = None
     if not args.data and (args.cell_captions or partial_rate):
-        captions, partial = _world_training_captions(args, captions)
+        captions, partial = _world_training_captions(args, captions, partial_rate)
     num_codes = args.num_codes or _vqgan_config(args).model.n_embed
     processor = model_config = init_params = None
     if args.init_from:  # fine-tuning keeps the model's size, tokenizer and weights

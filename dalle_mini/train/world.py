@@ -416,15 +416,12 @@ def _noun_phrase(
     obj: SceneObject, rng: random.Random, plural: bool = False, unsaid: str | None = None
 ) -> str:
     """`unsaid`: "color" leaves the colour out, "kind" says "shape" for the kind."""
-    if unsaid == "kind":
-        words = [rng.choice(_SIZE_WORDS[obj.size]), _color_word(obj.color, rng), "shape"]
-        return " ".join(word for word in words if word) + "s" * plural
     words = [
         rng.choice(_SIZE_WORDS[obj.size]),
         "" if unsaid == "color" else _color_word(obj.color, rng),
-        obj.kind + "s" * plural,
+        ("shape" if unsaid == "kind" else obj.kind) + "s" * plural,
     ]
-    if rng.random() < 0.1:
+    if unsaid != "kind" and rng.random() < 0.1:
         words.append("shapes" if plural else "shape")
     return " ".join(word for word in words if word)
 
