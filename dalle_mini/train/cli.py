@@ -10,6 +10,11 @@ finished model in `model/`) and `eval/` (report.json, report.md, sample grids). 
 resumes from its checkpoint (a finished one only reloads it and saves the model again).
 `all` runs the six stages, then (with `--out`) assembles the three models in a temporary folder
 and moves it into place, so an interrupted run never leaves half-written assets.
+
+With `--images FOLDER` (your own images and captions, `image_folder`) the first stage imports
+that folder into `images/{train,valid}` instead of drawing the world, and every later stage of
+that workdir trains and measures on it: the world's own aids (hard negative captions, captions
+naming every cell, the scene checker) are left out, and `evaluate` reports CLIP scores.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dalle_mini.train import common, train_clip, train_dallebart, train_vqgan, world
+from dalle_mini import hub
+from dalle_mini.train import common, image_folder, train_clip, train_dallebart, train_vqgan, world
 from dalle_mini.train import evaluate as evaluation
 from dalle_mini.train.data import read_encoded, write_encoded
 
@@ -54,7 +60,49 @@ def tiny_overrides(args) -> None:
     args.eval_prompts, args.eval_candidates, args.eval_keep = 4, 4, 2
 
 
+def _own_data(args) -> bool:
+    """Whether this run trains on your own images (`--images`, or a workdir that imported them)
+    rather than the world."""
+    return bool(args.images) or (_images_dir(args) / image_folder.INFO_NAME).is_file()
+
+
+def _images_dir(args) -> Path:
+    return Path(args.workdir) / "images"
+
+
+def _split(args, split: str) -> tuple[np.ndarray, list[str], list | None]:
+    """Images, captions and scenes of one split of the run's data; scenes are None for your own
+    images, which have none."""
+    if _own_data(args):
+        images, captions, _ = image_folder.load_split(_images_dir(args), split)
+        return images, captions, None
+    return world.load_split(Path(args.workdir) / "world", split)
+
+
+def _splits(args) -> tuple[str, ...]:
+    return image_folder.SPLITS if _own_data(args) else world.SPLITS
+
+
 def stage_world(args) -> dict:
+    """Draws the world, or with `--images` imports that folder; a workdir holds one or the other."""
+    own, drawn = _images_dir(args), Path(args.workdir) / "world"
+    if args.images:
+        if drawn.is_dir():
+            raise ValueError(
+                f"{args.workdir} holds the world already ({drawn}): give your own images "
+                f"another --workdir"
+            )
+        info = image_folder.import_folder(args.images, own, args.image_size, args.seed)
+        print(
+            f"[world] imported {info['counts']['train']} training and {info['counts']['valid']} "
+            f"validation images of {args.image_size} px from {args.images} (no world is drawn)"
+        )
+        return {}
+    if (own / image_folder.INFO_NAME).is_file():
+        raise ValueError(
+            f"{args.workdir} holds your own images ({own}): pass --images again, or draw the "
+            f"world in another --workdir"
+        )
     world.write_dataset(
         Path(args.workdir) / "world",
         args.num_train,
@@ -64,6 +112,17 @@ def stage_world(args) -> dict:
         args.seed,
     )
     return {}
+
+
+def _batch(stage: str, option: str, size: int, available: int) -> int:
+    """`size`, or all `available` training examples when there are fewer (a small folder of
+    your own images), saying so."""
+    if size <= available:
+        return size
+    print(
+        f"[{stage}] {option} {size} is more than the {available} training examples, so {available}"
+    )
+    return available
 
 
 def _vqgan_config(args) -> train_vqgan.VQGANTrainConfig:
@@ -85,18 +144,41 @@ def _vqgan_config(args) -> train_vqgan.VQGANTrainConfig:
 
 
 def stage_vqgan(args) -> dict:
-    images, _, _ = world.load_split(Path(args.workdir) / "world", "train")
-    model, params = train_vqgan.train(images, _vqgan_config(args), Path(args.workdir) / "vqgan")
+    """Trains the VQGAN; with `--vqgan` (a finished one, e.g. "embedded") copies that one in
+    instead, so that the run's models, its evaluation and `--out` hold the VQGAN its codes
+    were made with."""
+    if args.vqgan:
+        source, target = _vqgan_folder(args), _model_dir(args, "vqgan")
+        if not (source / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--vqgan {args.vqgan}: no VQGAN folder ({source / 'config.json'} missing)"
+            )
+        if source.resolve() != target.resolve():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+        print(f"[vqgan] --vqgan {args.vqgan}: nothing to train, the run uses {target}")
+        return {}
+    images, _, _ = _split(args, "train")
+    config = _vqgan_config(args)
+    config = dataclasses.replace(
+        config, batch_size=_batch("vqgan", "--vqgan-batch", config.batch_size, len(images))
+    )
+    model, params = train_vqgan.train(images, config, Path(args.workdir) / "vqgan")
     model.save_pretrained(_model_dir(args, "vqgan"), params)
-    valid, _, scenes = world.load_split(Path(args.workdir) / "world", "valid")
-    report = train_vqgan.reconstruction_report(model, params, valid[:256], scenes[:256])
+    valid, _, scenes = _split(args, "valid")
+    report = train_vqgan.reconstruction_report(
+        model, params, valid[:256], None if scenes is None else scenes[:256]
+    )
     (Path(args.workdir) / "vqgan" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"[vqgan] validation: {report}")
     return {"vqgan": report}
 
 
 def _vqgan_folder(args) -> Path:
-    """The VQGAN the encode stage encodes with (and its codes decode with)."""
+    """The VQGAN the encode stage encodes with (and its codes decode with): `--vqgan` (a folder,
+    or "embedded") or the one the vqgan stage trained."""
+    if args.vqgan == hub.EMBEDDED_NAME:
+        return hub.embedded_folder("vqgan")
     return Path(args.vqgan) if args.vqgan else _model_dir(args, "vqgan")
 
 
@@ -106,16 +188,15 @@ def stage_encode(args) -> dict:
     if args.code_rate < 0:
         raise ValueError(f"--code-rate {args.code_rate:g}: must be 0 (nearest codes) or more")
     model, params = VQModel.from_pretrained(_vqgan_folder(args))
-    world_dir = Path(args.workdir) / "world"
-    train = world.load_split(world_dir, "train")
+    train = _split(args, "train")
     costs, report = None, {"code_rate": 0.0}
     if args.code_rate > 0:
         found = train_vqgan.code_costs(model, params, train[0], args.code_rate)
         print(f"[encode] {found.summary()}")
         costs = found.costs
         report = {key: value for key, value in dataclasses.asdict(found).items() if key != "costs"}
-    for split in world.SPLITS:
-        images, captions, _ = train if split == "train" else world.load_split(world_dir, split)
+    for split in _splits(args):
+        images, captions, _ = train if split == "train" else _split(args, split)
         codes = train_vqgan.encode_images(model, params, images, code_costs=costs)
         path = write_encoded(Path(args.workdir) / "encoded" / f"{split}.parquet", captions, codes)
         print(f"[encode] {split}: {len(captions)} rows -> {path}")
@@ -137,7 +218,7 @@ def _world_training_captions(
     candidates, 26.7% -> 35.1% of the kept nine). The partial captions
     (`world.partial_caption`) name the cells likewise."""
     _, world_captions, scenes = world.load_split(Path(args.workdir) / "world", "train")
-    _check_world_order(
+    _check_same_order(
         Path(args.workdir) / "encoded" / "train.parquet",
         captions,
         world_captions,
@@ -170,18 +251,28 @@ def _partial_rate(args) -> float:
     often (kind 55.1 -> 47.6 / 20.1 -> 13.3%, colour 91.1 -> 89.2 / 86.0 -> 82.4%)."""
     if not 0.0 <= args.partial_captions <= 1.0:
         raise ValueError(f"--partial-captions {args.partial_captions:g}: must be in [0, 1]")
-    if args.data and args.partial_captions:
+    if (args.data or _own_data(args)) and args.partial_captions:
+        source = "--data" if args.data else "your own images"
         raise ValueError(
             "--partial-captions needs the world's scenes to leave a colour or a kind unsaid, and "
-            "--data has captions only: leave it out (or 0) with --data"
+            f"{source} has captions only: leave it out (or 0)"
         )
     return args.partial_captions
 
 
-def _check_world_order(path: Path, encoded_captions, world_captions, fix: str) -> None:
-    """Refuses parquet rows that are not the world's training split, in order."""
-    if list(encoded_captions) != list(world_captions):
-        raise ValueError(f"{path} does not hold the world's training split in order: {fix}")
+def _check_same_order(path: Path, encoded_captions, captions, fix: str) -> None:
+    """Refuses parquet rows that are not the run's training split (`captions`), in order."""
+    if list(encoded_captions) != list(captions):
+        raise ValueError(f"{path} does not hold this run's training split in order: {fix}")
+
+
+def _codebook_size(args) -> int:
+    """The number of codes of the VQGAN the codes were made with: `--vqgan`'s or the vqgan
+    stage's when it has a config.json, else the embedded recipe's."""
+    config = _vqgan_folder(args) / "config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text())["n_embed"])
+    return _vqgan_config(args).model.n_embed
 
 
 def stage_dallebart(args) -> dict:
@@ -192,9 +283,9 @@ def stage_dallebart(args) -> dict:
     partial_rate = _partial_rate(args)  # a bad value fails before the data is read
     captions, codes = read_encoded(data)
     partial = None
-    if not args.data and (args.cell_captions or partial_rate):
+    if not args.data and not _own_data(args) and (args.cell_captions or partial_rate):
         captions, partial = _world_training_captions(args, captions, partial_rate)
-    num_codes = args.num_codes or _vqgan_config(args).model.n_embed
+    num_codes = args.num_codes or _codebook_size(args)
     processor = model_config = init_params = None
     if args.init_from:  # fine-tuning keeps the model's size, tokenizer and weights
         model, init_params = DalleBart.from_pretrained(args.init_from)
@@ -209,7 +300,7 @@ def stage_dallebart(args) -> dict:
             accumulation_steps=args.accumulation_steps,
         ),
         num_steps=args.dallebart_steps,
-        batch_size=args.dallebart_batch,
+        batch_size=_batch("dallebart", "--dallebart-batch", args.dallebart_batch, len(captions)),
         use_bfloat16=args.bf16,
         alternate_rate=partial_rate,
         grid_positions=args.position_init == "grid",
@@ -225,8 +316,8 @@ def stage_dallebart(args) -> dict:
     return {}
 
 
-def stage_clip(args) -> dict:
-    images, captions, scenes = world.load_split(Path(args.workdir) / "world", "train")
+def _clip_model(args):
+    """The CLIP a new clip stage trains: the embedded size (toy with `--tiny`)."""
     model = train_clip.embedded_config(args.image_size)
     if args.tiny:
         model = dataclasses.replace(
@@ -235,13 +326,37 @@ def stage_clip(args) -> dict:
             vision=dataclasses.replace(model.vision, width=32, layers=1),
             text=dataclasses.replace(model.text, width=32, heads=1, layers=1),
         )
+    return model
+
+
+def stage_clip(args) -> dict:
+    images, captions, scenes = _split(args, "train")
+    init_params = None
+    if args.clip_init:  # fine-tuning keeps the CLIP's size and weights
+        from dalle_mini.scoring import CLIPScorer
+
+        scorer = CLIPScorer.from_pretrained(args.clip_init)
+        model, init_params = scorer.config, scorer.params
+        if model.vision.image_size != images.shape[1]:
+            raise ValueError(
+                f"--clip-init {args.clip_init} sees {model.vision.image_size}-px images and this "
+                f"run's are {images.shape[1]} px: import them with --image-size "
+                f"{model.vision.image_size}"
+            )
+    else:
+        model = _clip_model(args)
+    if scenes is None and args.clip_miscount:
+        raise ValueError(
+            "--clip-miscount draws the world's scenes with an object too many or too few, and "
+            "your own images have no scenes: leave it out (or 0)"
+        )
     config = train_clip.CLIPTrainConfig(
         model=model,
         optimizer=_optimizer(
             args, args.clip_lr, min(50, args.clip_steps // 5), weight_decay=0.05, beta2=0.98
         ),
         num_steps=args.clip_steps,
-        batch_size=args.clip_batch,
+        batch_size=_batch("clip", "--clip-batch", args.clip_batch, len(images)),
         miscount_fraction=args.clip_miscount,
         grid_positions=args.position_init == "grid",
         seed=args.seed,
@@ -252,7 +367,14 @@ def stage_clip(args) -> dict:
     if args.clip_views == "vqgan":
         reconstruct, redraw = _reconstructor(args, captions)
     scorer, _ = train_clip.train(
-        images, captions, config, Path(args.workdir) / "clip", scenes, reconstruct, redraw
+        images,
+        captions,
+        config,
+        Path(args.workdir) / "clip",
+        scenes,
+        reconstruct,
+        redraw,
+        init_params,
     )
     scorer.save_pretrained(_model_dir(args, "clip"))
     return {}
@@ -265,13 +387,13 @@ def _reconstructor(args, captions: list[str]):
     path, vqgan = Path(args.workdir) / "encoded" / "train.parquet", _vqgan_folder(args)
     if not path.is_file() or not vqgan.is_dir():
         raise FileNotFoundError(
-            f"--clip-views vqgan needs the encode stage's codes and the VQGAN that made them "
+            "--clip-views vqgan needs the encode stage's codes and the VQGAN that made them "
             f"({path}, {vqgan}): run those stages first, or pass --clip-views synthetic"
         )
     from dalle_mini.models.vqgan import VQModel
 
     encoded_captions, codes = read_encoded(path)
-    _check_world_order(path, encoded_captions, captions, "encode again")
+    _check_same_order(path, encoded_captions, captions, "encode again")
     model, params = VQModel.from_pretrained(vqgan)
 
     def reconstruct(indices: np.ndarray) -> np.ndarray:
@@ -312,10 +434,13 @@ def stage_evaluate(args) -> dict:
         # and an earlier evaluation's would only mislead
         timings = json.loads(timings_path.read_text())
         extra["timings_s"] = with_total({n: timings[n] for n in STAGES[:-1] if n in timings})
-    results = evaluation.run(
-        models, Path(args.workdir) / "world", Path(args.workdir) / "eval", config, extra
-    )
-    print((Path(args.workdir) / "eval" / "report.md").read_text())
+    out = Path(args.workdir) / "eval"
+    if _own_data(args):
+        evaluation.run_own_images(models, _images_dir(args), out, config, extra)
+        print((out / "report.md").read_text())
+        return {}
+    results = evaluation.run(models, Path(args.workdir) / "world", out, config, extra)
+    print((out / "report.md").read_text())
     return {"bars_met": sum(b["met"] for b in results["bars"]), "bars": len(results["bars"])}
 
 
@@ -495,10 +620,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="`all` only: install the trained models in this folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="toy sizes: a smoke run of minutes")
+    parser.add_argument(
+        "--images",
+        help="train on your own images instead of the world: a folder of images with captions "
+        "(a .txt beside each image, or metadata.jsonl / metadata.csv with file_name and text); "
+        "the world stage imports it into the workdir, which later stages then read",
+    )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     group = parser.add_argument_group("world")
-    group.add_argument("--image-size", type=int, default=64)
+    group.add_argument(
+        "--image-size", type=int, default=64, help="side of the world's (or your) images, px"
+    )
     group.add_argument("--num-train", type=int, default=20000)
     group.add_argument("--num-valid", type=int, default=1000)
     group.add_argument("--num-heldout", type=int, default=1000)
@@ -515,8 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--vqgan-lr", type=float, default=2e-3)
     group.add_argument(
         "--vqgan",
-        help="encode, and clip's VQGAN views: the VQGAN folder the codes are made with "
-        "(default: the trained one)",
+        help="encode, and clip's VQGAN views: the VQGAN folder the codes are made with, or "
+        "'embedded' (default: the trained one)",
     )
     group = parser.add_argument_group("encode")
     group.add_argument(
@@ -587,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
         "which their caption must score lower (world data only; 0, the default, turns it off)",
     )
     group.add_argument("--clip-lr", type=float, default=1e-3)
+    group.add_argument(
+        "--clip-init", help="fine-tune this CLIP folder (or 'embedded') instead of a new one"
+    )
     group = parser.add_argument_group("evaluate")
     group.add_argument(
         "--models",

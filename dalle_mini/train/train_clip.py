@@ -298,6 +298,7 @@ def train(
     scenes: list[world.Scene] | None = None,
     reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
     redraw: Callable[[np.ndarray], np.ndarray] | None = None,
+    init_params: Any = None,
 ) -> tuple[CLIPScorer, Any]:
     """Trains on uint8 images (N, S, S, 3) and their captions; returns a scorer and params.
 
@@ -307,7 +308,8 @@ def train(
     the VQGAN's decoding of those images' codes), `config.degrade_fraction` of the images are
     shown as the VQGAN draws them, which is what the scorer ranks at generation time; with
     `redraw` (uint8 images -> the VQGAN's encoding and decoding of them), as many of the wrong
-    drawings are.
+    drawings are. `init_params` (of a CLIP of `config.model`) fine-tunes that CLIP instead of
+    training a new one.
     """
     size = config.model.vision.image_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
@@ -336,7 +338,8 @@ def train(
             soften(drawn, config.degrade_fraction, config.seed + 1, views)
         )
     optimizer = common.make_optimizer(config.optimizer, config.num_steps)
-    state = common.create_state(new_params(config), optimizer)
+    params = init_params if init_params is not None else new_params(config)
+    state = common.create_state(params, optimizer)
 
     def batches(start):
         for indices in common.batch_order(len(images), config.batch_size, config.seed, start):
