@@ -60,6 +60,14 @@ def test_images_are_squared_by_their_centre_and_split_off_for_validation(tmp_pat
     squared = image_folder.square_image(folder / "wide.png", 32)
     assert squared.shape == (32, 32, 3)
     assert (squared[:, 4:28, 1] > 200).all() and (squared[:, 4:28, [0, 2]] < 50).all()
+    # grey, palette and transparent images come out RGB, transparent parts white
+    Image.new("L", (16, 16), 90).save(tmp_path / "grey.png")
+    clear = Image.new("RGBA", (16, 16), (255, 0, 0, 0))
+    clear.paste((0, 0, 255, 255), (0, 0, 8, 16))
+    clear.save(tmp_path / "clear.png")
+    assert (image_folder.square_image(tmp_path / "grey.png", 8) == 90).all()
+    halves = image_folder.square_image(tmp_path / "clear.png", 16)
+    assert (halves[:, :6] == [0, 0, 255]).all() and (halves[:, 10:] == 255).all()
     # the same seed holds out the same images
     image_folder.import_folder(folder, tmp_path / "again", 32, seed=0)
     assert image_folder.load_split(tmp_path / "again", "valid")[2] == valid_files

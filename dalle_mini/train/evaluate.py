@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +103,14 @@ def generate(
     return np.asarray(out.sequences[:, 1:])
 
 
-def evaluate_split(
-    models: Models, captions: list[str], scenes: list[world.Scene], config: EvalConfig, split: str
-) -> dict[str, Any]:
-    """Generates, checks and reranks for the first num_prompts captions of one split."""
+def ranked_candidates(
+    models: Models, captions: list[str], config: EvalConfig, desc: str, codes_seen: list
+) -> Iterator[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]]:
+    """For each of the first num_prompts captions, `(index, prompt, candidates, scores, kept)`:
+    its candidates (num_candidates, S, S, 3) uint8 as the VQGAN draws them, their CLIP scores
+    and the indices of the `keep` best, best first. Appends each call's codes to `codes_seen`."""
     count = min(config.num_prompts, len(captions))
-    verdicts_all, verdicts_kept, scores_all, scores_kept, codes_seen, grid = [], [], [], [], [], []
-    progress = tqdm(total=count, desc=f"evaluate {split}", unit="prompt")
+    progress = tqdm(total=count, desc=desc, unit="prompt")
     for start in range(0, count, config.prompts_per_call):
         prompts = captions[start : min(start + config.prompts_per_call, count)]
         codes = generate(models, prompts, config, start)
@@ -118,18 +120,34 @@ def evaluate_split(
             candidates = images[
                 offset * config.num_candidates : (offset + 1) * config.num_candidates
             ]
-            request = scenes[start + offset].request()
-            verdicts = [scene_check.check_image(image, request) for image in candidates]
             scores = models.scorer.score(prompt, list(candidates))
             kept = np.argsort(-scores, kind="stable")[: config.keep]
-            verdicts_all += verdicts
-            verdicts_kept += [verdicts[i] for i in kept]
-            scores_all.append(float(scores.mean()))
-            scores_kept.append(float(scores[kept].mean()))
-            if len(grid) < 6:
-                grid.append(candidates[kept])
+            yield start + offset, prompt, candidates, scores, kept
         progress.update(len(prompts))
     progress.close()
+
+
+def _grid_image(rows: list[np.ndarray]) -> np.ndarray:
+    """One image of the kept candidates, a row per prompt."""
+    return np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
+
+
+def evaluate_split(
+    models: Models, captions: list[str], scenes: list[world.Scene], config: EvalConfig, split: str
+) -> dict[str, Any]:
+    """Generates, checks and reranks for the first num_prompts captions of one split."""
+    verdicts_all, verdicts_kept, scores_all, scores_kept, codes_seen, grid = [], [], [], [], [], []
+    ranked = ranked_candidates(models, captions, config, f"evaluate {split}", codes_seen)
+    for index, _, candidates, scores, kept in ranked:
+        request = scenes[index].request()
+        verdicts = [scene_check.check_image(image, request) for image in candidates]
+        verdicts_all += verdicts
+        verdicts_kept += [verdicts[i] for i in kept]
+        scores_all.append(float(scores.mean()))
+        scores_kept.append(float(scores[kept].mean()))
+        if len(grid) < 6:
+            grid.append(candidates[kept])
+    count = min(config.num_prompts, len(captions))
     used = np.unique(np.concatenate(codes_seen))
     return {
         "num_prompts": count,
@@ -140,7 +158,7 @@ def evaluate_split(
         "generated_codes_used": int(used.size),
         "generated_codebook_usage": float(used.size / models.dallebart.config.num_codes),
         "prompts_shown": captions[: len(grid)],
-        "_grid": np.concatenate([np.concatenate(list(row), axis=1) for row in grid], axis=0),
+        "_grid": _grid_image(grid),
     }
 
 
@@ -262,10 +280,16 @@ def markdown_report(results: dict[str, Any]) -> str:
             f"| {bar['split']} | {bar['attribute']} | {_percent(bar['bar'])} | {value} | "
             f"{'yes' if bar['met'] else 'NO'} |"
         )
+    return "\n".join(lines + _appendix(results)) + "\n"
+
+
+def _appendix(results: dict[str, Any]) -> list[str]:
+    """The report's closing sections: the VQGAN's report and the stage times, when given."""
+    lines = []
     for key in ("vqgan", "timings_s"):
         if key in results:
             lines += ["", f"## {key}", "", "```", json.dumps(results[key], indent=2), "```"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def run_own_images(
@@ -287,26 +311,15 @@ def run_own_images(
     real, captions, _ = image_folder.load_split(images_dir, "valid")
     count = min(config.num_prompts, len(captions))
     scores_all, scores_kept, scores_real, codes_seen, grid = [], [], [], [], []
-    for start in tqdm(range(0, count, config.prompts_per_call), desc="evaluate own images"):
-        prompts = captions[start : min(start + config.prompts_per_call, count)]
-        codes = generate(models, prompts, config, start)
-        codes_seen.append(codes)
-        images = decode_codes(models.vqgan, models.vqgan_params, codes)
-        for offset, prompt in enumerate(prompts):
-            candidates = images[
-                offset * config.num_candidates : (offset + 1) * config.num_candidates
-            ]
-            scores = models.scorer.score(prompt, list(candidates))
-            kept = np.argsort(-scores, kind="stable")[: config.keep]
-            scores_all.append(float(scores.mean()))
-            scores_kept.append(float(scores[kept].mean()))
-            scores_real.append(float(models.scorer.score(prompt, [real[start + offset]])[0]))
-            if len(grid) < 6:
-                grid.append(candidates[kept])
+    ranked = ranked_candidates(models, captions, config, "evaluate own images", codes_seen)
+    for index, prompt, candidates, scores, kept in ranked:
+        scores_all.append(float(scores.mean()))
+        scores_kept.append(float(scores[kept].mean()))
+        scores_real.append(float(models.scorer.score(prompt, [real[index]])[0]))
+        if len(grid) < 6:
+            grid.append(candidates[kept])
     used = np.unique(np.concatenate(codes_seen))
-    Image.fromarray(
-        np.concatenate([np.concatenate(list(row), axis=1) for row in grid], axis=0)
-    ).save(out_dir / "samples_valid.png")
+    Image.fromarray(_grid_image(grid)).save(out_dir / "samples_valid.png")
     results = {
         "config": dataclasses.asdict(config),
         "data": "own images",
@@ -338,8 +351,5 @@ def run_own_images(
         f"{numbers['clip_score_real']:.2f} | {numbers['generated_codes_used']} "
         f"({_percent(numbers['generated_codebook_usage'])}) |",
     ]
-    for key in ("vqgan", "timings_s"):
-        if key in results:
-            lines += ["", f"## {key}", "", "```", json.dumps(results[key], indent=2), "```"]
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "report.md").write_text("\n".join(lines + _appendix(results)) + "\n")
     return results

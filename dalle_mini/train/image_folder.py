@@ -97,13 +97,17 @@ def list_pairs(folder: str | Path) -> list[tuple[Path, str]]:
 
 
 def square_image(path: Path, size: int) -> np.ndarray:
-    """The image at `path` as (size, size, 3) uint8: RGB, shorter side resized to `size`, centre
-    cut out; fails naming the file when it is not an image PIL can read."""
+    """The image at `path` as (size, size, 3) uint8: RGB (transparent parts white), shorter side
+    resized to `size`, centre cut out; fails naming the file when it is not an image PIL can
+    read."""
     try:
         with Image.open(path) as opened:
-            image = opened.convert("RGB")
+            image = opened.convert("RGBA")  # palette and grey images too, transparency kept
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path} could not be read as an image ({error})") from None
+    # transparent parts show white, as an image viewer shows them, not the colour they hide
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(white, image).convert("RGB")
     scale = size / min(image.size)
     width, height = (max(size, round(side * scale)) for side in image.size)
     image = image.resize((width, height), Image.Resampling.BICUBIC)
