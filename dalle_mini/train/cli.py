@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from dalle_mini import hub
+from dalle_mini.checkpoint import CONFIG_NAME
 from dalle_mini.train import common, image_folder, train_clip, train_dallebart, train_vqgan, world
 from dalle_mini.train import evaluate as evaluation
 from dalle_mini.train.data import read_encoded, write_encoded
@@ -149,9 +150,9 @@ def stage_vqgan(args) -> dict:
     were made with."""
     if args.vqgan:
         source, target = _vqgan_folder(args), _model_dir(args, "vqgan")
-        if not (source / "config.json").is_file():
+        if not (source / CONFIG_NAME).is_file():
             raise FileNotFoundError(
-                f"--vqgan {args.vqgan}: no VQGAN folder ({source / 'config.json'} missing)"
+                f"--vqgan {args.vqgan}: no VQGAN folder ({source / CONFIG_NAME} missing)"
             )
         if source.resolve() != target.resolve():
             shutil.rmtree(target, ignore_errors=True)
@@ -269,9 +270,11 @@ def _check_same_order(path: Path, encoded_captions, captions, fix: str) -> None:
 def _codebook_size(args) -> int:
     """The number of codes of the VQGAN the codes were made with: `--vqgan`'s or the vqgan
     stage's when it has a config.json, else the embedded recipe's."""
-    config = _vqgan_folder(args) / "config.json"
+    from dalle_mini.models.vqgan import VQGANConfig
+
+    config = _vqgan_folder(args) / CONFIG_NAME
     if config.is_file():
-        return int(json.loads(config.read_text())["n_embed"])
+        return VQGANConfig.from_json(config).n_embed
     return _vqgan_config(args).model.n_embed
 
 
@@ -331,6 +334,11 @@ def _clip_model(args):
 
 def stage_clip(args) -> dict:
     images, captions, scenes = _split(args, "train")
+    if scenes is None and args.clip_miscount:
+        raise ValueError(
+            "--clip-miscount draws the world's scenes with an object too many or too few, and "
+            "your own images have no scenes: leave it out (or 0)"
+        )
     init_params = None
     if args.clip_init:  # fine-tuning keeps the CLIP's size and weights
         from dalle_mini.scoring import CLIPScorer
@@ -345,11 +353,6 @@ def stage_clip(args) -> dict:
             )
     else:
         model = _clip_model(args)
-    if scenes is None and args.clip_miscount:
-        raise ValueError(
-            "--clip-miscount draws the world's scenes with an object too many or too few, and "
-            "your own images have no scenes: leave it out (or 0)"
-        )
     config = train_clip.CLIPTrainConfig(
         model=model,
         optimizer=_optimizer(
@@ -437,11 +440,12 @@ def stage_evaluate(args) -> dict:
     out = Path(args.workdir) / "eval"
     if _own_data(args):
         evaluation.run_own_images(models, _images_dir(args), out, config, extra)
-        print((out / "report.md").read_text())
-        return {}
-    results = evaluation.run(models, Path(args.workdir) / "world", out, config, extra)
+        summary = {}
+    else:
+        results = evaluation.run(models, Path(args.workdir) / "world", out, config, extra)
+        summary = {"bars_met": sum(b["met"] for b in results["bars"]), "bars": len(results["bars"])}
     print((out / "report.md").read_text())
-    return {"bars_met": sum(b["met"] for b in results["bars"]), "bars": len(results["bars"])}
+    return summary
 
 
 def _models_root(args, folder: Path) -> Path:
